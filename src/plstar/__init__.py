@@ -1,0 +1,58 @@
+"""plstar: measure and certify the PL* optimization landscape of over-parameterized models.
+
+Theory: Liu, Zhu & Belkin, *Loss landscapes and optimization in over-parameterized non-linear
+systems and neural networks* (arXiv 2003.00307). Conventions: docs/conventions in README.md.
+"""
+
+from plstar import theory
+from plstar.conditions import Analysis, analyze, pl_ratio
+from plstar.curvature import (
+    EigenEstimate,
+    HessianNorm,
+    loss_gradient,
+    loss_sharpness,
+    model_hessian_norm,
+)
+from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
+from plstar.functional import FunctionalModel, make_functional
+from plstar.kernel import (
+    KernelOperator,
+    KernelPlan,
+    default_memory_budget,
+    jacobian_rows,
+    kernel_operator,
+    plan_kernel,
+    tangent_kernel,
+)
+from plstar.spectrum import LanczosResult, Spectrum, lanczos, spectrum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Analysis",
+    "DataError",
+    "EigenEstimate",
+    "FunctionalModel",
+    "HessianNorm",
+    "IllDefinedModelError",
+    "KernelOperator",
+    "KernelPlan",
+    "LanczosResult",
+    "PlstarInputError",
+    "Spectrum",
+    "__version__",
+    "analyze",
+    "default_memory_budget",
+    "jacobian_rows",
+    "kernel_operator",
+    "lanczos",
+    "loss_gradient",
+    "loss_sharpness",
+    "make_functional",
+    "model_hessian_norm",
+    "pl_ratio",
+    "plan_kernel",
+    "spectrum",
+    "tangent_kernel",
+    "theory",
+]

@@ -1,0 +1,239 @@
+"""The PL* condition at a point: the PL ratio, and :func:`analyze`, every figure of the summary.
+
+``analyze`` composes the core: the tangent kernel and its spectrum give μ = λ_min(K(w₀)) (THEORY.md
+item 1), Lanczos on loss HVPs gives β, and :mod:`plstar.theory` turns (L₀, μ, β) into the GD
+theorem's radius, step, rate and step count (item 2). It measures at w₀ only; what holds on the
+ball around w₀ is evidence until certified.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from plstar import theory
+from plstar.curvature import (
+    EigenEstimate,
+    HessianNorm,
+    loss_gradient,
+    loss_sharpness,
+    model_hessian_norm,
+)
+from plstar.errors import PlstarInputError
+from plstar.functional import ProgressCallback, check_targets, make_functional
+from plstar.kernel import (
+    Implementation,
+    KernelOperator,
+    default_memory_budget,
+    plan_kernel,
+    tangent_kernel,
+)
+from plstar.spectrum import Spectrum, lanczos, spectrum
+
+DENSE_SPECTRUM_LIMIT = 20_000
+"""Largest n·k for which ``analyze`` forms K and solves it densely; beyond, Lanczos on products."""
+
+
+def pl_ratio(model: nn.Module, x: Tensor, y: Tensor, *, memory_budget: int | None = None) -> float:
+    """ρ(w) = ‖∇L(w)‖² / (2 L(w)) for L = ½‖F − y‖² (summed), at the model's current parameters.
+
+    Since ½‖∇L‖² = ½ rᵀ K r, λ_min(K) ≤ ρ ≤ λ_max(K) (THEORY.md). Cost: one forward and one reverse
+    pass. Raises PlstarInputError when L(w) = 0 (the ratio is 0/0 at an interpolating point).
+    """
+    loss, gradient = loss_gradient(model, x, y, memory_budget=memory_budget)
+    if loss == 0.0:
+        raise PlstarInputError("L(w) = 0: the model interpolates y and the PL ratio is 0/0")
+    return float(gradient @ gradient) / (2.0 * loss)
+
+
+@dataclass
+class Analysis:
+    """Every figure of ``plstar analyze`` at the current parameters w₀ (THEORY.md conventions)."""
+
+    n: int
+    k: int
+    m: int
+    overparameterized: bool
+    model_dtype: str
+    implementation: str
+    loss0: float
+    kernel: Spectrum
+    pl_ratio: float
+    beta: EigenEstimate
+    hessian_norm: HessianNorm
+    mu: float
+    kappa: float
+    radius: float
+    gd_step: float
+    gd_rate: float
+    target_loss: float
+    steps_to_target: float
+    lipschitz: float
+    verdict: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pl_star_at_w0(self) -> bool:
+        """μ > 0: K(w₀) is non-singular within precision, so PL* holds at w₀ with μ = λ_min."""
+        return self.mu > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (infinities as the strings "inf")."""
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            out[key] = value
+        out["pl_star_at_w0"] = self.pl_star_at_w0
+        return _json_safe(out)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _verdict(a: Analysis) -> list[str]:
+    nk = a.n * a.k
+    if not a.overparameterized:
+        return [
+            f"PL* cannot hold: m = {a.m} < n·k = {nk}, so K = DF DFᵀ has rank ≤ m and "
+            "λ_min(K) = 0 (THEORY.md item 8); GD need not reach zero loss.",
+        ]
+    if not a.pl_star_at_w0:
+        return [
+            f"λ_min(K(w₀)) is zero within precision (floor {a.kernel.precision_floor:.2e}): "
+            "no PL* certificate at w₀, although m ≥ n·k.",
+        ]
+    lines = [
+        f"PL* holds at w₀ with μ = λ_min(K(w₀)) = {a.mu:.4g} (uniform conditioning, item 1).",
+        f"If μ-PL* and β-smoothness hold on the ball of radius R = {a.radius:.4g} around w₀, GD with "
+        f"η = 1/β = {a.gd_step:.3g} stays in it and L_t ≤ (1 − μ/β)^t L₀ with 1 − μ/β = "
+        f"{a.gd_rate:.6g} (item 2).",
+        "Measured at w₀ only: this is evidence for the ball, not a certificate of it.",
+    ]
+    if not (a.kernel.lambda_min or 0.0) <= a.pl_ratio * (1 + 1e-9) + a.kernel.error_bound:
+        lines.append(
+            "Warning: ρ(w₀) < λ_min(K) beyond the error bound; check the model for randomness."
+        )
+    return lines
+
+
+def analyze(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    implementation: Implementation = "auto",
+    dtype: torch.dtype = torch.float64,
+    target_loss: float | None = None,
+    hessian_outputs: int | None = 16,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Analysis:
+    """Measure the PL* picture of ``model`` on (x, y) at its current parameters w₀.
+
+    Computes L(w₀); K(w₀) and its extreme eigenvalues with error bounds (dense float64 when
+    n·k ≤ 20,000, Lanczos on kernel products beyond); ρ(w₀); β = λ_max(H_L) by Lanczos; ‖H_F‖ over
+    ``hessian_outputs`` randomly chosen outputs (None: all n·k); then μ = λ_min(K) (0 if singular),
+    κ = β/μ, and the GD theorem's R, η, rate and steps to ``target_loss`` (default 1e-6·L₀).
+    Cost is dominated by the kernel (see :func:`plstar.tangent_kernel`).
+    """
+    fmodel = make_functional(model, x)
+    y2 = check_targets(fmodel, x, y)
+    n, k, m = x.shape[0], fmodel.k, fmodel.m
+    eps_model = float(torch.finfo(fmodel.dtype).eps)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        start = time.perf_counter()
+        value = fn()
+        seconds[name] = time.perf_counter() - start
+        if progress is not None:
+            progress(name, 1, 1)
+        return value
+
+    loss0, _ = timed("loss", lambda: loss_gradient(model, x, y2, memory_budget=memory_budget))
+    if n * k <= DENSE_SPECTRUM_LIMIT:
+        xf = x.to(fmodel.dtype) if x.is_floating_point() else x
+        used = plan_kernel(
+            fmodel,
+            xf,
+            n,
+            implementation=implementation,
+            dtype=dtype,
+            memory_budget=memory_budget or default_memory_budget(),
+        ).implementation
+        K = timed(
+            "tangent kernel",
+            lambda: tangent_kernel(
+                model,
+                x,
+                implementation=implementation,
+                dtype=dtype,
+                memory_budget=memory_budget,
+                progress=progress,
+            ),
+        )
+        kernel = timed("kernel spectrum", lambda: spectrum(K, input_precision=eps_model))
+        top = lanczos(
+            lambda v: (K @ v.T).T, K.shape[0], max_iter=100, tol=1e-10, seed=seed, converge="max"
+        )
+        del K
+    else:
+        used = "operator"
+        op = KernelOperator(model, x, dtype=dtype, memory_budget=memory_budget)
+        kernel = timed(
+            "kernel spectrum", lambda: spectrum(op, input_precision=eps_model, tol=1e-8, seed=seed)
+        )
+        top = lanczos(
+            lambda v: (op @ v.T).T, op.shape[0], max_iter=60, tol=1e-8, seed=seed, converge="max"
+        )
+    rho = (
+        timed("pl ratio", lambda: pl_ratio(model, x, y2, memory_budget=memory_budget))
+        if loss0 > 0
+        else math.nan
+    )
+    # Warm start: DFᵀu for the top eigenvector u of K is the top eigenvector of the Gauss–Newton
+    # part DFᵀDF of H_L, which dominates H_L near a good fit.
+    gauss_newton = KernelOperator(model, x, dtype=dtype, memory_budget=memory_budget)
+    v0 = gauss_newton.transpose_product(top.vector_max[0])
+    beta = timed(
+        "sharpness",
+        lambda: loss_sharpness(model, x, y2, v0=v0, seed=seed, memory_budget=memory_budget),
+    )
+    hess = timed(
+        "model hessian",
+        lambda: model_hessian_norm(
+            model, x, outputs=hessian_outputs, seed=seed, memory_budget=memory_budget
+        ),
+    )
+    overparameterized = theory.is_overparameterized(m, n * k)
+    lambda_min = kernel.lambda_min if kernel.lambda_min is not None else 0.0
+    mu = 0.0 if kernel.is_singular or not overparameterized else theory.pl_constant(lambda_min)
+    target = target_loss if target_loss is not None else 1e-6 * loss0
+    b = beta.value
+    rate = theory.gd_rate(b, mu) if mu > 0 else 1.0
+    analysis = Analysis(
+        n=n, k=k, m=m, overparameterized=overparameterized,
+        model_dtype=str(fmodel.dtype).replace("torch.", ""), implementation=used,
+        loss0=loss0, kernel=kernel, pl_ratio=rho, beta=beta, hessian_norm=hess, mu=mu,
+        kappa=b / mu if mu > 0 else math.inf,
+        radius=theory.gd_radius(b, mu, loss0) if mu > 0 else math.inf,
+        gd_step=theory.gd_step_size(b), gd_rate=rate, target_loss=target,
+        steps_to_target=theory.steps_to_loss(loss0, target, rate),
+        lipschitz=math.sqrt(max(kernel.lambda_max or 0.0, 0.0)), seconds=seconds,
+    )  # fmt: skip
+    analysis.verdict = _verdict(analysis)
+    return analysis

@@ -1,0 +1,87 @@
+"""Human- and machine-readable renderings of results: rich tables and JSON files.
+
+Nothing here computes: it formats what the core returned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from plstar.conditions import Analysis
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    """A number for a table: 4 significant digits, 'inf' and '—' spelled out."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}g}"
+
+
+def with_error(value: float | None, error: float | None) -> str:
+    """'value ± error' (the error with 2 significant digits)."""
+    if value is None:
+        return "—"
+    return fmt(value) if error is None else f"{fmt(value)} ± {error:.2g}"
+
+
+def analysis_table(a: Analysis, *, title: str = "plstar analyze") -> Table:
+    """The summary table of ``plstar analyze``: problem, kernel, landscape, GD theorem."""
+    table = Table(title=title, show_header=True, header_style="bold", title_justify="left")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("meaning", style="dim")
+    nk = a.n * a.k
+    regime = "over-parameterized" if a.overparameterized else "UNDER-parameterized"
+    kernel = a.kernel
+    hess = a.hessian_norm
+    hess_scope = (
+        "max over all outputs"
+        if hess.outputs_examined == hess.outputs_total
+        else f"max over {hess.outputs_examined} random outputs of {hess.outputs_total}"
+    )
+    lambda_min = (
+        f"0 (≤ floor {kernel.precision_floor:.2g})"
+        if kernel.is_singular
+        else with_error(kernel.lambda_min, kernel.lambda_min_error)
+    )
+    rows: list[tuple[str, str, str]] = [
+        ("n, k", f"{a.n}, {a.k}", "samples, outputs per sample"),
+        ("m", f"{a.m:,}", f"trainable parameters; m/(n·k) = {a.m / nk:.3g}: {regime}"),
+        ("L(w₀)", fmt(a.loss0), "½‖F(w₀) − y‖², summed"),
+        ("λ_min(K)", lambda_min, f"tangent kernel K = DF DFᵀ ({nk}×{nk}, {a.implementation})"),
+        ("λ_max(K)", with_error(kernel.lambda_max, kernel.lambda_max_error), kernel.method),
+        ("κ(K)", fmt(kernel.condition_number), "λ_max/λ_min of K"),
+        ("ρ(w₀)", fmt(a.pl_ratio), "PL ratio ‖∇L‖²/(2L); λ_min ≤ ρ ≤ λ_max"),
+        ("β", with_error(a.beta.value, a.beta.error_bound), "λ_max of the loss Hessian at w₀"),
+        ("‖H_F‖", with_error(hess.value, hess.error_bound), hess_scope),
+        ("μ", fmt(a.mu), "PL* constant at w₀ = λ_min(K(w₀))"),
+        ("κ = β/μ", fmt(a.kappa), "condition number of the landscape"),
+        ("R", fmt(a.radius), "GD theorem radius 2√(2βL₀)/μ"),
+        ("η", fmt(a.gd_step), "certified GD step 1/β"),
+        ("rate", fmt(a.gd_rate, 8), "L_t ≤ rate^t · L₀, rate = 1 − μ/β"),
+        ("steps", fmt(a.steps_to_target), f"GD steps to L ≤ {fmt(a.target_loss, 3)}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
