@@ -13,7 +13,7 @@ from plstar.functional import make_functional
 
 DEFAULT_DTYPE = torch.float64
 
-IMPLEMENTATIONS = ["jacobian", "ntvp"]
+IMPLEMENTATIONS = ["structured", "jacobian", "ntvp"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

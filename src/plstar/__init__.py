@@ -14,16 +14,9 @@ from plstar.curvature import (
     model_hessian_norm,
 )
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
-from plstar.functional import FunctionalModel, make_functional
-from plstar.kernel import (
-    KernelOperator,
-    KernelPlan,
-    default_memory_budget,
-    jacobian_rows,
-    kernel_operator,
-    plan_kernel,
-    tangent_kernel,
-)
+from plstar.functional import FunctionalModel, jacobian_rows, make_functional
+from plstar.kernel import KernelOperator, kernel_operator, tangent_kernel
+from plstar.planning import KernelPlan, default_memory_budget, plan_kernel
 from plstar.spectrum import LanczosResult, Spectrum, lanczos, spectrum
 
 __version__ = "0.1.0"

@@ -26,13 +26,8 @@ from plstar.curvature import (
 )
 from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, check_targets, make_functional
-from plstar.kernel import (
-    Implementation,
-    KernelOperator,
-    default_memory_budget,
-    plan_kernel,
-    tangent_kernel,
-)
+from plstar.kernel import KernelOperator, tangent_kernel
+from plstar.planning import Implementation, default_memory_budget, plan_kernel
 from plstar.spectrum import Spectrum, lanczos, spectrum
 
 DENSE_SPECTRUM_LIMIT = 20_000

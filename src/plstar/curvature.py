@@ -20,7 +20,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from plstar.errors import PlstarInputError
 from plstar.functional import FunctionalModel, Params, check_targets, chunks, make_functional
-from plstar.kernel import _activation_bytes_per_sample, default_memory_budget
+from plstar.planning import activation_bytes_per_sample, default_memory_budget
 from plstar.spectrum import lanczos
 
 
@@ -65,7 +65,7 @@ def _sample_block(
     fmodel: FunctionalModel, x: Tensor, memory_budget: int | None, factor: int
 ) -> int:
     budget = memory_budget if memory_budget is not None else default_memory_budget()
-    per_sample = factor * _activation_bytes_per_sample(fmodel, x)
+    per_sample = factor * activation_bytes_per_sample(fmodel, x)
     return int(max(1, min(x.shape[0], budget // per_sample)))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, jacrev, vmap
 
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
 
@@ -71,6 +71,31 @@ class FunctionalModel:
             tree[name] = vector[..., start:stop].reshape(*lead, *p.shape).to(p.dtype)
             start = stop
         return tree
+
+
+def jacobian_rows(
+    fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype, names: list[str] | None = None
+) -> Params:
+    """Per-sample Jacobian rows: dict name -> (c·k, numel of that parameter), in ``dtype``.
+
+    Row ``i*k + a`` is ∇f_a(w; x_i) restricted to that parameter; ``names`` restricts the
+    parameters (default all). Cost: k reverse passes per sample, vectorised over samples by vmap;
+    a module whose backward has no batching rule (PReLU in torch 2.13) is done sample by sample.
+    """
+    chosen = list(fmodel.params) if names is None else names
+    fixed = {n: p for n, p in fmodel.params.items() if n not in chosen}
+    free = {n: fmodel.params[n] for n in chosen}
+
+    def single(params: Params, xi: Tensor) -> Tensor:
+        return fmodel.single({**fixed, **params}, xi)
+
+    try:
+        rows = vmap(jacrev(single), in_dims=(None, 0))(free, x)
+    except RuntimeError:
+        per_sample = [jacrev(single)(free, xi) for xi in x]
+        rows = {n: torch.stack([r[n] for r in per_sample]) for n in chosen}
+    c = x.shape[0]
+    return {n: rows[n].reshape(c * fmodel.k, -1).to(dtype) for n in chosen}
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -137,9 +162,11 @@ def make_functional(model: nn.Module, x: Tensor) -> FunctionalModel:
             raise IllDefinedModelError(f"parameter {name} is not floating point ({p.dtype})")
         check_finite(f"parameter {name}", p)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
+    first = next(iter(params.values()))
+    sample = x[:1].to(first.dtype) if x.is_floating_point() else x[:1]
     try:
         with torch.no_grad():
-            probe = functional_call(model, (params, buffers), (x[:1],))
+            probe = functional_call(model, (params, buffers), (sample,))
     except Exception as error:  # a user's model can raise anything; say where it came from
         raise PlstarInputError(
             f"the model could not run on x of shape {tuple(x.shape)}: {error}"

@@ -1,7 +1,10 @@
 """The empirical tangent kernel K = DF DFᵀ, dense or as a matrix-free operator.
 
 Layout (THEORY.md): sample-major, row ``i*k + a`` is output ``a`` of sample ``i``; K(x, x2) has shape
-(n·k, n2·k). Two implementations of the dense kernel, agreeing to float64 round-off:
+(n·k, n2·k). Three implementations of the dense kernel, agreeing to float64 round-off:
+
+* ``"structured"`` — per-layer Gram matrices of layer inputs and output cotangents
+  (:mod:`plstar.structured`); the Jacobian is never formed.
 
 * ``"jacobian"`` — per-sample Jacobian rows by ``vmap(jacrev)`` in blocks of samples, cast once to
   the accumulation dtype, contracted block by block (K_IJ = Σ_p J_I[p] J_J[p]ᵀ). Cost ≈ 2·n·n2·k²·m
@@ -16,16 +19,16 @@ the data per product), for kernels too large to hold.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
+from plstar import structured
 from plstar.errors import DataError, PlstarInputError
 from plstar.functional import (
     FunctionalModel,
@@ -33,104 +36,19 @@ from plstar.functional import (
     ProgressCallback,
     check_finite,
     chunks,
+    jacobian_rows,
     make_functional,
 )
-
-Implementation = Literal["auto", "jacobian", "ntvp"]
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "jacobian", "ntvp")
-_MAX_DEFAULT_BUDGET = 2 * 1024**3
-
-
-def default_memory_budget() -> int:
-    """Working memory plstar plans for: a quarter of the RAM available now, at most 2 GiB (bytes)."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 * 1024**3
-    return int(min(0.25 * available, _MAX_DEFAULT_BUDGET))
+from plstar.planning import (
+    Implementation,
+    KernelPlan,
+    activation_bytes_per_sample,
+    default_memory_budget,
+    plan_kernel,
+)
 
 
-@dataclass(frozen=True)
-class KernelPlan:
-    """How a kernel will be assembled: implementation, samples per block and the memory it plans."""
-
-    implementation: str
-    row_block: int
-    col_block: int
-    planned_bytes: int
-    budget_bytes: int
-    result_bytes: int
-
-
-def _activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
-    """Bytes autograd saves for one sample's backward pass (measured, so it fits any module)."""
-    saved = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fmodel(params, x[:1]).sum()
-    return max(saved, 1)
-
-
-def plan_kernel(
-    fmodel: FunctionalModel,
-    x: Tensor,
-    n2: int,
-    *,
-    implementation: Implementation,
-    dtype: torch.dtype,
-    memory_budget: int,
-) -> KernelPlan:
-    """Choose the implementation and block sizes so working memory stays within ``memory_budget``.
-
-    The budget covers working memory; the result itself (n·k · n2·k · itemsize) is counted apart.
-    "auto" takes "jacobian" (GEMM-bound, fastest here) whenever a block of at least one sample per
-    side fits, else "ntvp", whose blocks cost only one set of Jacobian rows.
-    """
-    n, k, m = x.shape[0], fmodel.k, fmodel.m
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    model_itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
-    activations = _activation_bytes_per_sample(fmodel, x)
-    # One sample's Jacobian rows while they are made (model dtype, plus vmap's k-fold activations)
-    # and once cast to the accumulation dtype.
-    per_sample = k * m * (itemsize + model_itemsize) + k * activations
-    result_bytes = n * k * n2 * k * itemsize
-    if implementation == "auto":
-        implementation = "jacobian" if 2 * per_sample <= memory_budget else "ntvp"
-    if implementation == "jacobian":
-        block = max(1, memory_budget // (2 * per_sample))
-        row, col = min(n, block), min(n2, block)
-        planned = (row + col) * per_sample
-    elif implementation == "ntvp":
-        col = max(1, min(n2, memory_budget // (2 * per_sample)))
-        # vmap over col·k tangents of a forward pass over ``row`` samples
-        per_row = col * k * (activations + k * itemsize) * 2
-        row = max(1, min(n, (memory_budget - col * per_sample) // max(per_row, 1)))
-        planned = col * per_sample + row * per_row
-    else:
-        raise PlstarInputError(
-            f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}"
-        )
-    return KernelPlan(implementation, int(row), int(col), int(planned), memory_budget, result_bytes)
-
-
-def jacobian_rows(fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype) -> Params:
-    """Per-sample Jacobian rows: dict name -> (c·k, numel of that parameter), in ``dtype``.
-
-    Row ``i*k + a`` is ∇_w f_a(w; x_i) restricted to that parameter. Cost: k reverse passes per
-    sample, vectorised over samples by vmap.
-    """
-    rows = vmap(jacrev(fmodel.single), in_dims=(None, 0))(fmodel.params, x)
-    c = x.shape[0]
-    return {name: t.reshape(c * fmodel.k, -1).to(dtype) for name, t in rows.items()}
-
-
-def _contract(left: Params, right: Params) -> Tensor:
+def _contract_rows(left: Params, right: Params) -> Tensor:
     return sum(left[name] @ right[name].T for name in left)  # type: ignore[return-value]
 
 
@@ -151,26 +69,49 @@ def _prepare(
     return fmodel, x, x2.to(fmodel.dtype) if x2.is_floating_point() else x2
 
 
-def _jacobian_kernel(fmodel, x, x2, symmetric, plan, dtype, progress) -> Tensor:
-    k = fmodel.k
+def _assemble(
+    x: Tensor,
+    x2: Tensor,
+    symmetric: bool,
+    plan: KernelPlan,
+    k: int,
+    dtype: torch.dtype,
+    features: Callable[[Tensor], Any],
+    contract: Callable[[Any, Any], Tensor],
+    progress: ProgressCallback | None,
+) -> Tensor:
+    """K block by block: features of each sample block, contracted pairwise (upper blocks only
+    when symmetric); column features are kept when the plan says they fit, else recomputed."""
     out = torch.empty(x.shape[0] * k, x2.shape[0] * k, dtype=dtype)
     row_blocks = list(chunks(x.shape[0], plan.row_block))
-    col_blocks = list(chunks(x2.shape[0], plan.col_block))
-    total = len(row_blocks) * len(col_blocks)
+    col_blocks = list(chunks(x2.shape[0], plan.row_block if symmetric else plan.col_block))
+    kept: dict[int, Any] = {}
+    pairs = (
+        len(row_blocks) * (len(row_blocks) + 1) // 2
+        if symmetric
+        else len(row_blocks) * len(col_blocks)
+    )
     done = 0
     for rows in row_blocks:
-        left = jacobian_rows(fmodel, x[rows], dtype)
+        left = kept.pop(rows.start) if symmetric and rows.start in kept else features(x[rows])
         for cols in col_blocks:
-            done += 1
             if symmetric and cols.start < rows.start:
-                continue  # mirrored below
-            right = left if (symmetric and cols == rows) else jacobian_rows(fmodel, x2[cols], dtype)
-            block = _contract(left, right)
+                continue  # mirrored from an earlier block
+            if symmetric and cols == rows:
+                right = left
+            elif cols.start in kept:
+                right = kept[cols.start]
+            else:
+                right = features(x2[cols])
+                if plan.cache_columns:
+                    kept[cols.start] = right
+            block = contract(left, right)
             out[rows.start * k : rows.stop * k, cols.start * k : cols.stop * k] = block
             if symmetric and cols != rows:
                 out[cols.start * k : cols.stop * k, rows.start * k : rows.stop * k] = block.T
+            done += 1
             if progress is not None:
-                progress("tangent kernel", done, total)
+                progress("tangent kernel", done, pairs)
     return out
 
 
@@ -218,8 +159,10 @@ def tangent_kernel(
     Shapes: x (n, ...), x2 (n2, ...) -> K (n·k, n2·k); row ``i*k + a`` is output a of sample i.
     ``x2=None`` means x2 = x (then K is symmetric and only its upper blocks are computed). The model
     runs in its own dtype; products are accumulated in ``dtype`` (float64 by default).
-    Cost: "jacobian" ≈ 2·n·n2·k²·m flops + (n + n2·blocks)·k reverse passes; "ntvp" ≈ n2·k
-    forward-mode passes over n samples. Memory: the result plus at most ``memory_budget`` bytes
+    Cost: "structured" ≈ n·n2·Σ_layers(d_in + k²·d_out) flops for dense layers (convolutions and
+    layers used at several positions: the cheaper of the patch-Gram and per-sample-gradient forms)
+    plus k reverse passes per sample; "jacobian" ≈ 2·n·n2·k²·m flops; "ntvp" ≈ n2·k forward-mode
+    passes over n samples. "auto" takes "structured" when a layer rule applies. Memory: the result plus at most ``memory_budget`` bytes
     (default :func:`default_memory_budget`) of planned working memory (see :func:`plan_kernel`).
     Raises IllDefinedModelError when F is not a function of w alone (Dropout or BatchNorm in train
     mode) and DataError for empty, non-finite or mis-shaped inputs.
@@ -229,10 +172,30 @@ def tangent_kernel(
     plan = plan_kernel(
         fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype, memory_budget=budget
     )
+    symmetric = x2 is None
+    if plan.implementation == "ntvp":
+        with torch.no_grad():
+            return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress)
+    if plan.implementation == "structured":
+        modules, fallback = structured.split_parameters(fmodel)
+        error = structured.entry_check(fmodel, x, modules, fallback)
+        if error <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
+            return _assemble(
+                x, x2_, symmetric, plan, fmodel.k, dtype,
+                lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype),
+                lambda a, b: structured.contract_blocks(a, b, fmodel.k), progress,
+            )  # fmt: skip
+        if implementation == "structured":
+            raise PlstarInputError(
+                "the structured rules disagree with plain gradients on this model (relative error "
+                f"{error:.1e}): a parameter is used outside its module's forward; "
+                "use implementation='jacobian'"
+            )
     with torch.no_grad():
-        if plan.implementation == "jacobian":
-            return _jacobian_kernel(fmodel, x, x2_, x2 is None, plan, dtype, progress)
-        return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress)
+        return _assemble(
+            x, x2_, symmetric, plan, fmodel.k, dtype,
+            lambda xs: jacobian_rows(fmodel, xs, dtype), _contract_rows, progress,
+        )  # fmt: skip
 
 
 class KernelOperator:
@@ -256,7 +219,7 @@ class KernelOperator:
         self.shape = (n * k, n * k)
         self.dtype = dtype
         budget = memory_budget if memory_budget is not None else default_memory_budget()
-        per_sample = 4 * _activation_bytes_per_sample(self.fmodel, self.x)
+        per_sample = 4 * activation_bytes_per_sample(self.fmodel, self.x)
         self.block = int(max(1, min(n, budget // per_sample)))
         self.products = 0
 

@@ -1,0 +1,128 @@
+"""Memory plans: which kernel implementation, and how many samples per block, fit a budget.
+
+Sizes are measured on one sample (autograd's saved tensors, the structured features) rather than
+guessed from layer types, so the plan fits any module. docs/performance.md gives the formulas.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from plstar import structured
+from plstar.errors import PlstarInputError
+from plstar.functional import FunctionalModel
+
+Implementation = Literal["auto", "structured", "jacobian", "ntvp"]
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "structured", "jacobian", "ntvp")
+_MAX_DEFAULT_BUDGET = 2 * 1024**3
+
+
+def default_memory_budget() -> int:
+    """Working memory plstar plans for: a quarter of the RAM available now, at most 2 GiB (bytes)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 * 1024**3
+    return int(min(0.25 * available, _MAX_DEFAULT_BUDGET))
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a kernel will be assembled: the implementation, samples per block, the working memory
+    planned, and whether every column block's features are kept (else recomputed per row block)."""
+
+    implementation: str
+    row_block: int
+    col_block: int
+    planned_bytes: int
+    budget_bytes: int
+    result_bytes: int
+    cache_columns: bool = False
+
+
+def activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
+    """Bytes autograd saves for one sample's backward pass."""
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fmodel(params, x[:1]).sum()
+    return max(saved, 1)
+
+
+def _largest_block(per_sample: int, per_pair: int, budget: int) -> int:
+    """Largest c with 2·c·per_sample + c²·per_pair ≤ budget (at least 1)."""
+    if per_pair <= 0:
+        return max(1, budget // (2 * per_sample))
+    root = (-2 * per_sample + math.sqrt(4 * per_sample**2 + 4 * per_pair * budget)) / (2 * per_pair)
+    return max(1, int(root))
+
+
+def plan_kernel(
+    fmodel: FunctionalModel,
+    x: Tensor,
+    n2: int,
+    *,
+    implementation: Implementation,
+    dtype: torch.dtype,
+    memory_budget: int,
+) -> KernelPlan:
+    """Choose the implementation and block sizes so working memory stays within ``memory_budget``.
+
+    The budget covers working memory; the result itself (n·k · n2·k · itemsize) is counted apart.
+    "auto" takes "structured" whenever a layer rule covers some parameters (its flops never exceed
+    the Jacobian contraction's), else "jacobian" when a block of one sample per side fits, else
+    "ntvp", whose blocks hold only one set of Jacobian rows.
+    """
+    n, k, m = x.shape[0], fmodel.k, fmodel.m
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    model_itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
+    activations = activation_bytes_per_sample(fmodel, x)
+    jacobian_per_sample = k * m * (itemsize + model_itemsize) + k * activations
+    result_bytes = n * k * n2 * k * itemsize
+    if implementation == "auto":
+        if structured.split_parameters(fmodel)[0]:
+            implementation = "structured"
+        elif 2 * jacobian_per_sample <= memory_budget:
+            implementation = "jacobian"
+        else:
+            implementation = "ntvp"
+    if implementation in ("structured", "jacobian"):
+        if implementation == "structured":
+            per_sample, per_pair = structured.feature_bytes(fmodel, x[:1], dtype)
+            per_sample += k * activations
+        else:
+            per_sample, per_pair = jacobian_per_sample, 0
+        per_pair += 3 * k * k * itemsize  # the block product and its temporaries
+        block = _largest_block(per_sample, per_pair, memory_budget)
+        row, col = min(n, block), min(n2, block)
+        planned = (row + col) * per_sample + row * col * per_pair
+        everything = (n + n2) * per_sample + row * col * per_pair
+        cache = everything <= memory_budget
+        return KernelPlan(
+            implementation, row, col, int(everything if cache else planned), memory_budget,
+            result_bytes, cache,
+        )  # fmt: skip
+    if implementation == "ntvp":
+        col = max(1, min(n2, memory_budget // (2 * jacobian_per_sample)))
+        # vmap over col·k tangents of a forward pass over ``row`` samples
+        per_row = col * k * (activations + k * itemsize) * 2
+        row = max(1, min(n, (memory_budget - col * jacobian_per_sample) // max(per_row, 1)))
+        planned = col * jacobian_per_sample + row * per_row
+        return KernelPlan(
+            implementation, int(row), int(col), int(planned), memory_budget, result_bytes
+        )
+    raise PlstarInputError(
+        f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}"
+    )

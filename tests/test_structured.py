@@ -1,0 +1,190 @@
+"""Structured (per-layer Gram) kernels against dense Jacobians, layer type by layer type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import dense_kernel
+from torch import Tensor, nn
+
+import plstar
+from plstar.functional import make_functional
+from plstar.models import cnn, mlp
+from plstar.structured import split_parameters
+
+DEFAULT_DTYPE = torch.float64
+
+
+class Sequence(nn.Module):
+    """A Linear applied at every position of a sequence, then LayerNorm, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.norm(torch.tanh(self.mix(x))).mean(dim=1))
+
+
+class ResidualLayerNorm(nn.Module):
+    def __init__(self, d: int = 5, k: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU()) for _ in range(2)]
+        )
+        self.out = nn.Linear(d, k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+class CustomScale(nn.Module):
+    """A bare parameter and a PReLU: no rule, so they fall back to Jacobian rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.act = nn.PReLU(4)
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5]))
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.act(self.lin(x))) * self.scale
+
+
+class TiedEmbedding(nn.Module):
+    """Input embedding tied to the output projection (weight shared by two modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4, padding_idx=0)
+        self.proj = nn.Linear(4, 6, bias=False)
+        self.proj.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.proj(torch.tanh(self.embed(tokens).mean(dim=1)))
+
+
+class WeightUsedOutsideForward(nn.Module):
+    """Uses ``lin.weight`` directly as well as through ``lin``: invisible to forward hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x)) @ self.lin.weight[:, :1]
+
+
+def _models() -> dict[str, tuple[nn.Module, Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    bn = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+    )
+    with torch.no_grad():
+        bn[1].running_mean.copy_(torch.randn(3))
+        bn[1].running_var.copy_(torch.rand(3) + 0.5)
+        bn[1].weight.copy_(torch.randn(3))
+    return {
+        "ntk-mlp": (
+            mlp(4, 6, 3, 3, generator_seed=1, dtype=torch.float64),
+            torch.randn(5, 4, generator=g),
+        ),
+        "ntk-cnn": (
+            cnn(1, 5, 3, 2, 2, generator_seed=1, dtype=torch.float64),
+            torch.randn(4, 1, 5, 5, generator=g),
+        ),
+        "strided-dilated-conv": (
+            nn.Sequential(
+                nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(3 * 4 * 4, 2),
+            ),
+            torch.randn(4, 2, 7, 7, generator=g),
+        ),
+        "conv1d-groupnorm": (
+            nn.Sequential(
+                nn.Conv1d(2, 4, 3, padding=1),
+                nn.GroupNorm(2, 4),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(4 * 6, 1),
+            ),
+            torch.randn(5, 2, 6, generator=g),
+        ),
+        "conv-batchnorm-eval": (bn.eval(), torch.randn(4, 1, 6, 6, generator=g)),
+        "sequence-layernorm": (Sequence(), torch.randn(5, 3, 3, generator=g)),
+        "residual-layernorm": (ResidualLayerNorm(), torch.randn(5, 3, generator=g)),
+        "fallback-parameters": (CustomScale(), torch.randn(5, 3, generator=g)),
+        "tied-embedding": (TiedEmbedding(), torch.randint(0, 6, (5, 4), generator=g)),
+    }
+
+
+MODELS = _models()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_structured_kernel_equals_dense_jacobian_product(name: str) -> None:
+    model, x = MODELS[name]
+    model, x = model.double(), (x.double() if x.is_floating_point() else x)
+    K = plstar.tangent_kernel(model, x, implementation="structured")
+    expected = dense_kernel(model, x)
+    assert float((K - expected).abs().max() / expected.abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_structured_cross_kernel_with_tiny_blocks(name: str) -> None:
+    model, x = MODELS[name]
+    model, x = model.double(), (x.double() if x.is_floating_point() else x)
+    x1, x2 = x[:2], x[2:]
+    K = plstar.tangent_kernel(model, x1, x2, implementation="structured", memory_budget=1)
+    expected = dense_kernel(model, x1, x2)
+    assert float((K - expected).abs().max() / expected.abs().max()) < 1e-12
+
+
+def test_rules_cover_standard_layers_and_leave_the_rest_to_jacobian_rows() -> None:
+    fmodel = make_functional(MODELS["fallback-parameters"][0].double(), torch.randn(2, 3))
+    modules, fallback = split_parameters(fmodel)
+    assert set(modules) == {"lin", "out"}
+    assert set(fallback) == {"scale", "act.weight"}
+    tied = make_functional(MODELS["tied-embedding"][0], torch.randint(0, 6, (2, 4)))
+    assert split_parameters(tied)[0] == {}  # shared across modules: no per-module Gram
+
+
+def test_parameter_used_outside_forward_is_caught() -> None:
+    torch.manual_seed(0)
+    model, x = WeightUsedOutsideForward().double(), torch.randn(4, 3)
+    with pytest.raises(plstar.PlstarInputError, match="outside its module"):
+        plstar.tangent_kernel(model, x, implementation="structured")
+    K = plstar.tangent_kernel(model, x)  # auto falls back to the Jacobian contraction
+    assert torch.allclose(K, dense_kernel(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_picks_structured_for_layers_with_rules() -> None:
+    model, x = MODELS["ntk-mlp"]
+    x = x.double()
+    fmodel = make_functional(model, x)
+    plan = plstar.plan_kernel(
+        fmodel, x, 5, implementation="auto", dtype=torch.float64, memory_budget=2**30
+    )
+    assert plan.implementation == "structured"
+    assert plan.cache_columns
+
+
+def test_float32_model_with_float64_gram_accumulation() -> None:
+    model64 = mlp(8, 64, 3, 2, generator_seed=3, dtype=torch.float64)
+    model32 = mlp(8, 64, 3, 2, dtype=torch.float32)
+    model32.load_state_dict({name: t.float() for name, t in model64.state_dict().items()})
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(1))
+    K32 = plstar.tangent_kernel(model32, x.float(), implementation="structured")
+    K64 = plstar.tangent_kernel(model64, x, implementation="structured")
+    assert K32.dtype == torch.float64
+    assert float((K32 - K64).abs().max() / K64.abs().max()) < 1e-5
