@@ -142,3 +142,15 @@ def test_dense_jacobian_oracle_is_sample_major() -> None:
     # row i*k + a is ∂f_a(x_i)/∂W, which is x_i in row a of W and zero elsewhere
     assert torch.allclose(J[1 * 2 + 1].reshape(2, 2)[1], x[1])
     assert float(J[1 * 2 + 1].reshape(2, 2)[0].abs().max()) == 0.0
+
+
+def test_every_public_measurement_works_under_no_grad() -> None:
+    torch.manual_seed(0)
+    model = ZOO["mlp-gelu-k3"](torch.Generator().manual_seed(1))[0].double()
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    expected = dense_kernel(model, x)
+    with torch.no_grad():
+        for implementation in IMPLEMENTATIONS:
+            K = plstar.tangent_kernel(model, x, implementation=implementation)
+            assert relative_error(K, expected) < 1e-12
+        assert plstar.analyze(model, x, y).kernel.lambda_max > 0

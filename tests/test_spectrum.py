@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -12,6 +13,8 @@ from torch import nn
 
 import plstar
 from plstar.spectrum import lanczos
+
+SPECTRUM_MODULE = importlib.import_module("plstar.spectrum")  # plstar.spectrum is the function
 
 DEFAULT_DTYPE = torch.float64
 
@@ -101,3 +104,21 @@ def test_spectrum_refuses_non_square_and_non_finite_input() -> None:
         plstar.spectrum(bad)
     with pytest.raises(plstar.PlstarInputError):
         plstar.spectrum(torch.eye(3), which="middle")
+
+
+def test_cholesky_lanczos_path_matches_eigvalsh_within_its_bounds(monkeypatch) -> None:
+    K = random_psd(150, 170, 7)
+    truth = np.linalg.eigvalsh(K.numpy())
+    monkeypatch.setattr(SPECTRUM_MODULE, "DENSE_EIGVALSH_LIMIT", 50)
+    s = plstar.spectrum(K)
+    assert s.method == "dense-cholesky-lanczos-float64"
+    assert abs(s.lambda_min - truth[0]) <= s.lambda_min_error
+    assert abs(s.lambda_max - truth[-1]) <= s.lambda_max_error
+    assert s.lambda_min_error < 1e-8 * truth[-1]
+
+
+def test_cholesky_path_falls_back_to_eigvalsh_for_a_singular_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(SPECTRUM_MODULE, "DENSE_EIGVALSH_LIMIT", 50)
+    s = plstar.spectrum(random_psd(120, 30, 8))
+    assert s.method == "dense-eigvalsh-float64"
+    assert s.is_singular

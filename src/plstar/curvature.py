@@ -128,12 +128,20 @@ def loss_sharpness(
     Cost: ≤ ``max_iter`` + 2 HVPs, each ≈ 4 passes over the data. Memory: ``max_iter`` · m float64.
     """
     m, hvp = loss_hvp(model, x, y, memory_budget=memory_budget)
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    max_iter = _iterations_within(budget, m, max_iter)
     result = lanczos(hvp, m, 1, v0=v0, max_iter=max_iter, tol=tol, seed=seed, converge="max")
     return EigenEstimate(
         value=float(result.theta_max[0]),
         error_bound=float(result.residual_max[0]),
         products=result.iterations + 2,
     )
+
+
+def _iterations_within(budget: int, m: int, wanted: int) -> int:
+    """Lanczos steps whose basis (steps · m float64) fits the budget; never fewer than 10, since the
+    residual bound then says how far from converged the estimate is."""
+    return int(min(wanted, max(10, budget // (8 * m) - 6)))
 
 
 def _select_outputs(total: int, outputs: int | list[int] | Tensor | None, seed: int) -> np.ndarray:
@@ -175,6 +183,7 @@ def model_hessian_norm(
     k, total = fmodel.k, x.shape[0] * fmodel.k
     chosen = _select_outputs(total, outputs, seed)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
+    max_iter = _iterations_within(budget, fmodel.m, max_iter)
     batch = int(max(1, min(len(chosen), budget // ((max_iter + 6) * fmodel.m * 8))))
 
     def output_hvp(params: Params, xi: Tensor, direction: Tensor, tangent: Params) -> Params:

@@ -56,7 +56,7 @@ def activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
         return t
 
     params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fmodel(params, x[:1]).sum()
     return max(saved, 1)
 

@@ -194,19 +194,35 @@ def lanczos(
     return LanczosResult(theta_min, theta_max, residual_min, residual_max, vec_max, iterations=used)
 
 
-def _dense(matrix: Tensor, which: Which, input_precision: float) -> Spectrum:
+DENSE_EIGVALSH_LIMIT = 3_000
+"""Above this size the dense path replaces the O(N³) full eigensolver (≈ 14 s at 8,000 here) by a
+Cholesky factorisation (≈ 8× cheaper) plus Lanczos on the inverse."""
+
+
+def _asymmetry(a: Tensor, block: int = 2048) -> float:
+    """max |a − aᵀ|, in row blocks so no N×N temporary is made."""
+    worst = 0.0
+    for start in range(0, a.shape[0], block):
+        rows = a[start : start + block]
+        worst = max(worst, float((rows - a[:, start : start + block].T).abs().max()))
+    return worst
+
+
+def _dense(matrix: Tensor, which: Which, input_precision: float, seed: int) -> Spectrum:
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise PlstarInputError(f"spectrum needs a square matrix, got shape {tuple(matrix.shape)}")
     if not bool(torch.isfinite(matrix).all()):
         raise PlstarInputError("the matrix has NaN or Inf entries")
-    a = matrix.detach().to(torch.float64)
-    asymmetry = float((a - a.T).abs().max()) if a.numel() else 0.0
-    a = 0.5 * (a + a.T)
-    values = torch.linalg.eigvalsh(a)
+    a = matrix.detach().to(torch.float64)  # LAPACK reads the lower triangle only
     size = a.shape[0]
+    asymmetry = _asymmetry(a) if a.numel() else 0.0
+    if size > DENSE_EIGVALSH_LIMIT:
+        found = _cholesky_lanczos(a, which, input_precision, asymmetry, seed)
+        if found is not None:
+            return found
+    values = torch.linalg.eigvalsh(a)
     norm = float(values.abs().max())
-    solver_error = size * EPS64 * norm + asymmetry
-    floor = solver_error + input_precision * norm
+    floor = size * EPS64 * norm + asymmetry + input_precision * norm
     lo, hi = float(values[0]), float(values[-1])
     return Spectrum(
         lambda_min=lo if which != "max" else None,
@@ -216,6 +232,56 @@ def _dense(matrix: Tensor, which: Which, input_precision: float) -> Spectrum:
         precision_floor=floor,
         size=size,
         method="dense-eigvalsh-float64",
+    )
+
+
+def _cholesky_lanczos(
+    a: Tensor, which: Which, input_precision: float, asymmetry: float, seed: int
+) -> Spectrum | None:
+    """λ_max by Lanczos on A; λ_min by Lanczos on (A − fI)⁻¹ through a Cholesky factor, f the floor.
+
+    The factorisation succeeding proves λ_min > f (up to its own backward error, which f covers);
+    on failure λ_min is within precision of zero or below, and None sends the caller to eigvalsh.
+    Memory: one N×N float64 copy. Error bounds are explicit residuals ‖A y − θ y‖ plus the floor.
+    """
+    size = a.shape[0]
+    top = lanczos(
+        lambda v: (a @ v.T).T, size, 1, max_iter=200, tol=1e-12, seed=seed, converge="max"
+    )
+    hi = float(top.theta_max[0])
+    floor = size * EPS64 * abs(hi) + asymmetry + input_precision * abs(hi)
+    hi_error = float(top.residual_max[0]) + floor
+    iterations = top.iterations
+    lo = lo_error = None
+    if which != "max":
+        shifted = a.clone()
+        shifted.diagonal().sub_(floor)
+        info = torch.empty((), dtype=torch.int32)
+        factor, _ = torch.linalg.cholesky_ex(shifted, out=(shifted, info))  # in place: no 3rd copy
+        if int(info) != 0:
+            return None
+
+        def solve(
+            v: Tensor,
+        ) -> Tensor:  # two triangular solves: ~15× faster than cholesky_solve here
+            half = torch.linalg.solve_triangular(factor, v.T, upper=False)
+            return torch.linalg.solve_triangular(factor.mT, half, upper=True).T
+
+        inverse = lanczos(solve, size, 1, max_iter=200, tol=1e-13, seed=seed, converge="max")
+        del factor, shifted
+        y = inverse.vector_max[0]
+        lo = floor + 1.0 / float(inverse.theta_max[0])
+        lo_error = float((a @ y - lo * y).norm()) + floor
+        iterations += inverse.iterations
+    return Spectrum(
+        lambda_min=lo,
+        lambda_max=hi if which != "min" else None,
+        lambda_min_error=lo_error,
+        lambda_max_error=hi_error if which != "min" else None,
+        precision_floor=floor,
+        size=size,
+        method="dense-cholesky-lanczos-float64",
+        iterations=iterations,
     )
 
 
@@ -268,7 +334,7 @@ def spectrum(
             if matrix_or_operator.is_floating_point()
             else EPS64
         )
-        return _dense(matrix_or_operator, which, eps_in)
+        return _dense(matrix_or_operator, which, eps_in, seed)
     if isinstance(matrix_or_operator, Tensor):
         dense = matrix_or_operator.to(torch.float64)
         matvec, size = (lambda v: (dense @ v.T).T), dense.shape[0]

@@ -368,8 +368,9 @@ def entry_check(
     grads = []
     for i, a in picks:
         params = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
-        value = fmodel(params, pair[i : i + 1])[0, a]
-        found = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        with torch.enable_grad():
+            value = fmodel(params, pair[i : i + 1])[0, a]
+            found = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         grads.append(
             torch.cat(
                 [
