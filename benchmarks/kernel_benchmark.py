@@ -54,15 +54,34 @@ def predicted_jacobian_bytes(workload: str, dtype: str) -> int:
 
 
 def run_local(workload: str, implementation: str, dtype: str, repeats: int) -> dict:
-    needs_jacobian = implementation in ("recipe-jacobian", "plstar-jacobian", "recipe-ntvp", "plstar-ntvp")
+    needs_jacobian = implementation in (
+        "recipe-jacobian",
+        "plstar-jacobian",
+        "recipe-ntvp",
+        "plstar-ntvp",
+    )
     predicted = predicted_jacobian_bytes(workload, dtype)
     if implementation == "recipe-jacobian" and predicted > MEMORY_CAP:
-        return {"status": "not run", "message": f"needs ≥ {predicted / 2**30:.0f} GiB for the Jacobians"}
+        return {
+            "status": "not run",
+            "message": f"needs ≥ {predicted / 2**30:.0f} GiB for the Jacobians",
+        }
     if needs_jacobian and implementation != "recipe-jacobian" and predicted > 16 * MEMORY_CAP:
-        return {"status": "not run", "message": "too slow here (Jacobian of ≥ 64 GiB recomputed in blocks)"}
+        return {
+            "status": "not run",
+            "message": "too slow here (Jacobian of ≥ 64 GiB recomputed in blocks)",
+        }
     if implementation == "recipe-ntvp" and "n1024" in workload:
         return {"status": "not run", "message": "n²·k forward-mode passes: hours at n = 1,024"}
-    command = [sys.executable, str(HERE / "workloads.py"), workload, implementation, dtype, "--repeats", str(repeats)]
+    command = [
+        sys.executable,
+        str(HERE / "workloads.py"),
+        workload,
+        implementation,
+        dtype,
+        "--repeats",
+        str(repeats),
+    ]
     return _run(command)
 
 
@@ -75,7 +94,9 @@ def run_peer(workload: str, peer: str, dtype: str, repeats: int) -> dict:
     from write_workload import write_workload
 
     model, x, _ = build(workload, torch.float64)
-    layers = [(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in model if hasattr(m, "weight")]
+    layers = [
+        (m.weight.detach().numpy(), m.bias.detach().numpy()) for m in model if hasattr(m, "weight")
+    ]
     path = Path("/tmp/plstar-bench") / f"{workload}.npz"
     path.parent.mkdir(exist_ok=True)
     write_workload(path, x.numpy(), layers, "tanh", dtype)
@@ -174,7 +195,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
     parser.add_argument("--json", default="/tmp/plstar-bench/results.json")
     args = parser.parse_args()
-    workloads = args.workloads.split(",") if args.workloads else (QUICK if args.quick else WORKLOADS)
+    workloads = (
+        args.workloads.split(",") if args.workloads else (QUICK if args.quick else WORKLOADS)
+    )
     rows = []
     for dtype in args.dtypes.split(","):
         for workload in workloads:
@@ -188,7 +211,9 @@ def main() -> None:
     peaks = {d: gemm_peak(getattr(torch, d)) for d in args.dtypes.split(",")}
     gram = gram_phase("mlp-w4096-n1024-k10", "float32") if not args.quick else None
     write_report(Path(args.out), rows, peaks, gram, " ".join(sys.argv))
-    Path(args.json).write_text(json.dumps({"rows": rows, "peaks": peaks, "gram": gram}, default=str))
+    Path(args.json).write_text(
+        json.dumps({"rows": rows, "peaks": peaks, "gram": gram}, default=str)
+    )
 
 
 def write_report(path: Path, rows: list, peaks: dict, gram: dict | None, command: str) -> None:
@@ -202,7 +227,9 @@ def write_report(path: Path, rows: list, peaks: dict, gram: dict | None, command
         "fastest peer's time in the same run (< 1 means plstar is faster). Agreement = max |K − K_plstar| / "
         "max |K_plstar| on the same weights.",
         "",
-        "Measured GEMM throughput: " + ", ".join(f"{d} {r / 1e9:.1f} GFLOP/s" for d, r in peaks.items()) + ".",
+        "Measured GEMM throughput: "
+        + ", ".join(f"{d} {r / 1e9:.1f} GFLOP/s" for d, r in peaks.items())
+        + ".",
         "",
         "| workload | dtype | implementation | time | peak RSS | agreement |",
         "|---|---|---|---|---|---|",
@@ -217,10 +244,14 @@ def write_report(path: Path, rows: list, peaks: dict, gram: dict | None, command
             rss = f"{result['peak_rss_mb']:.0f} MB" if result.get("status") == "ok" else ""
             agree = agreement(reference, result)
             agree_text = "" if agree is None or name == "plstar-structured" else f"{agree:.1e}"
-            lines.append(f"| {workload} | {dtype} | {name} | {fmt_time(result)} | {rss} | {agree_text} |")
+            lines.append(
+                f"| {workload} | {dtype} | {name} | {fmt_time(result)} | {rss} | {agree_text} |"
+            )
         if reference.get("status") == "ok" and peer_times:
             ratio = reference["median_s"] / min(peer_times)
-            lines.append(f"| {workload} | {dtype} | **ratio vs fastest peer** | **{ratio:.2f}** | | |")
+            lines.append(
+                f"| {workload} | {dtype} | **ratio vs fastest peer** | **{ratio:.2f}** | | |"
+            )
     if gram is not None:
         rate = gram["rate"]
         lines += [

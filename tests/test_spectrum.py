@@ -122,3 +122,12 @@ def test_cholesky_path_falls_back_to_eigvalsh_for_a_singular_kernel(monkeypatch)
     s = plstar.spectrum(random_psd(120, 30, 8))
     assert s.method == "dense-eigvalsh-float64"
     assert s.is_singular
+
+
+def test_lanczos_residuals_equal_explicitly_recomputed_ones() -> None:
+    K = random_psd(60, 80, 9)
+    result = lanczos(lambda v: (K @ v.T).T, 60, 1, max_iter=12, tol=1e-14)
+    y, theta = result.vector_max[0], float(result.theta_max[0])
+    explicit = float((K @ y - theta * y).norm())
+    assert float(result.residual_max[0]) == pytest.approx(explicit, rel=1e-6, abs=1e-12)
+    assert explicit > 0  # 12 steps on a 60-dimensional operator: not yet exact

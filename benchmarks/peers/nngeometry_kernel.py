@@ -31,7 +31,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from write_workload import read_workload  # noqa: E402
+from write_workload import read_workload
 
 
 def peak_rss_mb() -> float:
@@ -91,7 +91,7 @@ def build_model(wl: dict, dtype):
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(W).to(dtype))
             lin.bias.copy_(torch.from_numpy(b).to(dtype))
-        mods += [Scale(in_f ** -0.5), lin]
+        mods += [Scale(in_f**-0.5), lin]
         if l < L - 1:
             mods.append(acts[wl["activation"]]())
     return nn.Sequential(*mods)
@@ -102,13 +102,16 @@ def run(args) -> dict:
     if wl["cnn"]:
         return {"status": "unsupported", "message": "cnn workloads are not run for peers"}
     if wl["residual_layernorm"]:
-        return {"status": "unsupported", "message": "residual_layernorm workloads are not run for peers"}
+        return {
+            "status": "unsupported",
+            "message": "residual_layernorm workloads are not run for peers",
+        }
 
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
     from nngeometry import GramMatrix
     from nngeometry.object import FMatDense
+    from torch.utils.data import DataLoader, TensorDataset
 
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(wl["dtype"])
     if dtype is None:

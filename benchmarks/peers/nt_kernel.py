@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from write_workload import read_workload  # noqa: E402
+from write_workload import read_workload
 
 
 def peak_rss_mb() -> float:
@@ -64,7 +64,10 @@ def run(args) -> dict:
     if wl["cnn"]:
         return {"status": "unsupported", "message": "cnn workloads are not run for peers"}
     if wl["residual_layernorm"]:
-        return {"status": "unsupported", "message": "residual_layernorm workloads are not run for peers"}
+        return {
+            "status": "unsupported",
+            "message": "residual_layernorm workloads are not run for peers",
+        }
 
     dtype_name = wl["dtype"]
     import jax
@@ -74,8 +77,8 @@ def run(args) -> dict:
     elif dtype_name != "float32":
         raise ValueError(f"unsupported dtype {dtype_name!r}")
     import jax.numpy as jnp
-    import numpy as np
     import neural_tangents as nt
+    import numpy as np
 
     dt = jnp.float64 if dtype_name == "float64" else jnp.float32
     act = jax_activation(wl["activation"])

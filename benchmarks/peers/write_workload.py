@@ -20,7 +20,7 @@ from the neural-tangents venv.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

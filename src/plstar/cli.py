@@ -135,7 +135,7 @@ def analyze(
     target: Annotated[str | None, typer.Option(help="CSV column to use as target.")] = None,
     scaling: Annotated[Scaling, typer.Option(help="Input scaling; auto = sphere for digits, none for files.")] = Scaling.auto,
     model: Annotated[str | None, typer.Option("--model", help="FILE.py:factory returning an nn.Module.")] = None,
-    implementation: Annotated[str, typer.Option(help="Kernel implementation: auto, jacobian, ntvp.")] = "auto",
+    implementation: Annotated[str, typer.Option(help="Kernel implementation: auto, structured, jacobian, ntvp.")] = "auto",
     hessian_outputs: Annotated[int, typer.Option(help="Outputs examined for ‖H_F‖ (0 = all).")] = 16,
     target_loss: Annotated[float | None, typer.Option(help="Target loss for the step count (default 1e-6·L₀).")] = None,
     memory_budget: Annotated[str | None, typer.Option(help="Working memory, e.g. 2GiB (default: ¼ of free RAM, ≤ 2 GiB).")] = None,

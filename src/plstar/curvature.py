@@ -125,7 +125,8 @@ def loss_sharpness(
 
     Lanczos on Hessian-vector products until the relative residual is ≤ ``tol``. ``v0`` (m,) warm
     start, e.g. the Gauss–Newton direction DFᵀu for the top eigenvector u of K.
-    Cost: ≤ ``max_iter`` + 2 HVPs, each ≈ 4 passes over the data. Memory: ``max_iter`` · m float64.
+    Cost: ≤ ``max_iter`` HVPs, each ≈ 4 passes over the data. Memory: 2 · iterations · m float64,
+    with the iterations capped so that it fits ``memory_budget``.
     """
     m, hvp = loss_hvp(model, x, y, memory_budget=memory_budget)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
@@ -134,14 +135,14 @@ def loss_sharpness(
     return EigenEstimate(
         value=float(result.theta_max[0]),
         error_bound=float(result.residual_max[0]),
-        products=result.iterations + 2,
+        products=result.iterations,
     )
 
 
 def _iterations_within(budget: int, m: int, wanted: int) -> int:
     """Lanczos steps whose basis (steps · m float64) fits the budget; never fewer than 10, since the
     residual bound then says how far from converged the estimate is."""
-    return int(min(wanted, max(10, budget // (8 * m) - 6)))
+    return int(min(wanted, max(10, budget // (16 * m) - 4)))
 
 
 def _select_outputs(total: int, outputs: int | list[int] | Tensor | None, seed: int) -> np.ndarray:
@@ -176,7 +177,7 @@ def model_hessian_norm(
     Each H_{F_j} involves sample i only, so batches of outputs run as independent Lanczos problems
     side by side (vmap over samples). ``outputs``: None = all n·k; an int = that many chosen at
     random with ``seed`` (the result is then the maximum over that subset); or explicit indices.
-    Cost: ≤ (max_iter + 2) per-sample HVPs per output. Memory: (max_iter + 4) · m float64 per output
+    Cost: ≤ max_iter per-sample HVPs per output. Memory: 2 · max_iter · m float64 per output
     in flight, batched under ``memory_budget``.
     """
     fmodel, x = _setup(model, x)
@@ -184,7 +185,7 @@ def model_hessian_norm(
     chosen = _select_outputs(total, outputs, seed)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     max_iter = _iterations_within(budget, fmodel.m, max_iter)
-    batch = int(max(1, min(len(chosen), budget // ((max_iter + 6) * fmodel.m * 8))))
+    batch = int(max(1, min(len(chosen), budget // ((2 * max_iter + 6) * fmodel.m * 8))))
 
     def output_hvp(params: Params, xi: Tensor, direction: Tensor, tangent: Params) -> Params:
         gradient = grad(lambda p: (fmodel.single(p, xi) * direction).sum())
@@ -203,7 +204,7 @@ def model_hessian_norm(
             return fmodel.flatten(out, batch=len(vectors)).double()
 
         result = lanczos(matvec, fmodel.m, len(indices), max_iter=max_iter, tol=tol, seed=seed)
-        products += result.iterations + 2
+        products += result.iterations
         top_is_max = result.theta_max.abs() >= result.theta_min.abs()
         norms = torch.where(top_is_max, result.theta_max.abs(), result.theta_min.abs())
         errors = torch.where(top_is_max, result.residual_max, result.residual_min)

@@ -124,8 +124,9 @@ def lanczos(
     ``matvec`` maps V (B, N) to (A_b v_b)_b, also (B, N); everything here is float64. Stops when both
     extreme Ritz values (only the largest with ``converge="max"``) of every operator have relative
     residual ≤ ``tol`` (estimated by the
-    recurrence), on breakdown (an exact invariant subspace), or after ``max_iter`` products. Then the
-    residuals are recomputed with two explicit products. Memory: (max_iter + 4) · B · N float64.
+    recurrence), on breakdown (an exact invariant subspace), or after ``max_iter`` products. The
+    residuals ‖A y − θ y‖ are then formed from the stored products A q_j, so they cost no product.
+    Memory: 2 · max_iter · B · N float64 (the basis and its images).
     """
     if dim < 1 or batch < 1:
         raise PlstarInputError(f"lanczos needs dim ≥ 1 and batch ≥ 1, got {dim}, {batch}")
@@ -138,6 +139,9 @@ def lanczos(
     )
     q /= q.norm(dim=1, keepdim=True).clamp_min(1e-300)
     basis = torch.empty(max_iter, batch, dim, dtype=torch.float64)  # filled in place, never copied
+    # The products A q_j are kept too: a Ritz vector's image is then a combination of them, and
+    # its residual is exact without spending another product.
+    images = torch.empty(max_iter, batch, dim, dtype=torch.float64)
     alphas: list[list[float]] = [[] for _ in range(batch)]
     betas: list[list[float]] = [[] for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool)
@@ -147,6 +151,7 @@ def lanczos(
         basis[j] = q
         used = j + 1
         w = matvec(q).to(torch.float64).reshape(batch, dim)
+        images[j] = w
         alpha = (q * w).sum(dim=1)
         previous = basis[:used]
         norm_before = w.norm(dim=1)
@@ -177,20 +182,21 @@ def lanczos(
         if converged_all:
             break
         q = torch.where(active[:, None], w / beta.clamp_min(1e-300)[:, None], torch.zeros_like(w))
-    vec_min = torch.zeros(batch, dim, dtype=torch.float64)
     vec_max = torch.zeros(batch, dim, dtype=torch.float64)
     theta_min = torch.zeros(batch, dtype=torch.float64)
     theta_max = torch.zeros(batch, dtype=torch.float64)
+    residual_min = torch.zeros(batch, dtype=torch.float64)
+    residual_max = torch.zeros(batch, dtype=torch.float64)
     for b in range(batch):
         theta, s = _extreme_ritz(alphas[b], betas[b])
         length = len(alphas[b])
         coeff = torch.from_numpy(np.ascontiguousarray(s[:, [0, -1]]))
-        ritz = basis[:length, b, :].T @ coeff  # (N, 2)
-        vec_min[b], vec_max[b] = ritz[:, 0], ritz[:, 1]
+        ritz = basis[:length, b, :].T @ coeff  # (N, 2) unit Ritz vectors
+        image = images[:length, b, :].T @ coeff  # their images A y
         theta_min[b], theta_max[b] = float(theta[0]), float(theta[-1])
-    del basis
-    residual_min = (matvec(vec_min).reshape(batch, dim) - theta_min[:, None] * vec_min).norm(dim=1)
-    residual_max = (matvec(vec_max).reshape(batch, dim) - theta_max[:, None] * vec_max).norm(dim=1)
+        residual_min[b] = (image[:, 0] - theta_min[b] * ritz[:, 0]).norm()
+        residual_max[b] = (image[:, 1] - theta_max[b] * ritz[:, 1]).norm()
+        vec_max[b] = ritz[:, 1]
     return LanczosResult(theta_min, theta_max, residual_min, residual_max, vec_max, iterations=used)
 
 
