@@ -3,7 +3,7 @@
 Run with the OPTIONAL benchmark venv (see README.md in this folder), never plstar's own env:
 
     /work/bench-venv-nt/bin/python benchmarks/peers/nt_kernel.py WORKLOAD.npz OUT.json \
-        [--repeats 5] [--save-kernel PATH.npy]
+        [--repeats 5] [--save-kernel PATH.npy] [--weight-layout in_out|out_in]
 
 Writes JSON with status "ok" (times_s, median_s, compile_s, peak_rss_mb, ...),
 "unsupported" (cnn / residual_layernorm workloads) or "error" (message).
@@ -86,15 +86,33 @@ def run(args) -> dict:
     fan_ins = [W.shape[1] for W, _ in wl["weights"]]
     scales = [float(1.0 / np.sqrt(f)) for f in fan_ins]  # python floats: weakly typed, keep dt
 
-    def f(params, x):
-        h = x
-        for l, (W, b) in enumerate(params):
-            h = (h @ W.T) * scales[l] + b
-            if l < L - 1:
-                h = act(h)
-        return h
+    # Weights are handed to NT stored (in, out) and used as ``h @ W``: the kernel is the
+    # same (a transpose only permutes parameters), but an explicit ``W.T`` inside f stops
+    # STRUCTURED_DERIVATIVES from exploiting the dense-layer structure (measured ~75x
+    # slower and ~10x more memory at n=256, width 512). --weight-layout out_in keeps the
+    # literal ``h @ W.T`` form for comparison.
+    if args.weight_layout == "in_out":
 
-    params = [(jnp.asarray(W, dtype=dt), jnp.asarray(b, dtype=dt)) for W, b in wl["weights"]]
+        def f(params, x):
+            h = x
+            for l, (W, b) in enumerate(params):
+                h = (h @ W) * scales[l] + b
+                if l < L - 1:
+                    h = act(h)
+            return h
+
+        params = [(jnp.asarray(W.T, dtype=dt), jnp.asarray(b, dtype=dt)) for W, b in wl["weights"]]
+    else:
+
+        def f(params, x):
+            h = x
+            for l, (W, b) in enumerate(params):
+                h = (h @ W.T) * scales[l] + b
+                if l < L - 1:
+                    h = act(h)
+            return h
+
+        params = [(jnp.asarray(W, dtype=dt), jnp.asarray(b, dtype=dt)) for W, b in wl["weights"]]
     x = jnp.asarray(wl["x"], dtype=dt)
     n = x.shape[0]
     k = wl["weights"][-1][0].shape[0]
@@ -128,7 +146,9 @@ def run(args) -> dict:
         np.save(args.save_kernel, Kn)
 
     return {
-        "peer": f"neural-tangents {nt_version()} STRUCTURED_DERIVATIVES (jax {jax.__version__}, jit)",
+        "peer": f"neural-tangents {nt_version()} STRUCTURED_DERIVATIVES (jax {jax.__version__}, jit)"
+        + ("" if args.weight_layout == "in_out" else " [h @ W.T form]"),
+        "weight_layout": args.weight_layout,
         "times_s": times,
         "median_s": statistics.median(times) if times else None,
         "compile_s": compile_s,
@@ -155,6 +175,13 @@ def main() -> int:
     p.add_argument("out_json")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--save-kernel", default=None)
+    p.add_argument(
+        "--weight-layout",
+        choices=("in_out", "out_in"),
+        default="in_out",
+        help="in_out (default): params stored (in, out), f uses h @ W (fast structured path); "
+        "out_in: params (out, in) as in the workload, f uses h @ W.T (slow path)",
+    )
     args = p.parse_args()
     try:
         res = run(args)

@@ -10,7 +10,7 @@ Lanczos in float64. The loss is written out as ``0.5 * ((f - y) ** 2).sum()``: `
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,14 @@ class EigenEstimate:
     value: float
     error_bound: float
     products: int
+    vector: Tensor | None = field(default=None, repr=False, compare=False)
+    """The unit Ritz vector (m,) float64, for warm starts (None for ‖H_F‖)."""
 
     def __float__(self) -> float:
         return self.value
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "vector"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ def loss_sharpness(
         value=float(result.theta_max[0]),
         error_bound=float(result.residual_max[0]),
         products=result.iterations,
+        vector=result.vector_max[0],
     )
 
 
