@@ -188,3 +188,24 @@ def test_float32_model_with_float64_gram_accumulation() -> None:
     K64 = plstar.tangent_kernel(model64, x, implementation="structured")
     assert K32.dtype == torch.float64
     assert float((K32 - K64).abs().max() / K64.abs().max()) < 1e-5
+
+
+class TimeMajor(nn.Module):
+    """Transposes to (T, n, d) before its Linear: the layer does not see the batch first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x.transpose(0, 1))).sum(dim=0)
+
+
+def test_layer_that_does_not_see_batch_first_falls_back_to_jacobian() -> None:
+    torch.manual_seed(0)
+    model, x = TimeMajor().double(), torch.randn(4, 5, 3)
+    with pytest.raises(plstar.PlstarInputError, match="batch as its first dimension"):
+        plstar.tangent_kernel(model, x, implementation="structured")
+    assert torch.allclose(
+        plstar.tangent_kernel(model, x), dense_kernel(model, x), rtol=1e-12, atol=1e-12
+    )

@@ -69,6 +69,15 @@ def _largest_block(per_sample: int, per_pair: int, budget: int) -> int:
     return max(1, int(root))
 
 
+def _structured_sizes(
+    fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype
+) -> tuple[int, int] | None:
+    try:
+        return structured.feature_bytes(fmodel, x[:1], dtype)
+    except structured.NotPerSampleError:
+        return None
+
+
 def plan_kernel(
     fmodel: FunctionalModel,
     x: Tensor,
@@ -91,17 +100,26 @@ def plan_kernel(
     activations = activation_bytes_per_sample(fmodel, x)
     jacobian_per_sample = k * m * (itemsize + model_itemsize) + k * activations
     result_bytes = n * k * n2 * k * itemsize
+    sizes = None
+    if implementation == "structured" or (
+        implementation == "auto" and structured.split_parameters(fmodel)[0]
+    ):
+        sizes = _structured_sizes(fmodel, x, dtype)
+        if sizes is None and implementation == "structured":
+            raise PlstarInputError(
+                "a layer with a structured rule does not see the batch as its first dimension; "
+                "use implementation='jacobian'"
+            )
     if implementation == "auto":
-        if structured.split_parameters(fmodel)[0]:
+        if sizes is not None:
             implementation = "structured"
         elif 2 * jacobian_per_sample <= memory_budget:
             implementation = "jacobian"
         else:
             implementation = "ntvp"
     if implementation in ("structured", "jacobian"):
-        if implementation == "structured":
-            per_sample, per_pair = structured.feature_bytes(fmodel, x[:1], dtype)
-            per_sample += k * activations
+        if sizes is not None:
+            per_sample, per_pair = sizes[0] + k * activations, sizes[1]
         else:
             per_sample, per_pair = jacobian_per_sample, 0
         per_pair += 3 * k * k * itemsize  # the block product and its temporaries

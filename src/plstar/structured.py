@@ -32,6 +32,10 @@ Factor = tuple[str, Tensor, Tensor | None]
 """("gram", A (c, T, p), D (c·k, T, q)) or ("rows", R (c·k, r), None) or ("tokens", ids, D)."""
 
 
+class NotPerSampleError(RuntimeError):
+    """A hooked layer's input is not laid out batch-first, so per-sample Grams would mix samples."""
+
+
 @dataclass
 class LayerCall:
     """One application of a rule-handled module: its input and its output (kept in the graph)."""
@@ -258,6 +262,10 @@ def block_features(
         out = fmodel.module(x).reshape(c, k)
         outputs = [call.output for call in calls]
         cotangents = _output_cotangents(out, outputs) if outputs else []
+    if any(call.inputs.shape[0] != c or call.output.shape[0] != c for call in calls):
+        raise NotPerSampleError(
+            "a rule-handled layer does not see the batch as its first dimension"
+        )
     uses: dict[int, list[tuple[Tensor, Tensor]]] = {id(m): [] for m in modules.values()}
     for call, cot in zip(calls, cotangents, strict=True):
         cot = torch.zeros((k, *call.output.shape), dtype=out.dtype) if cot is None else cot
@@ -362,7 +370,10 @@ def entry_check(
     """
     n, k = x.shape[0], fmodel.k
     pair = x[: min(2, n)]
-    features = block_features(fmodel, pair, modules, fallback, torch.float64)
+    try:
+        features = block_features(fmodel, pair, modules, fallback, torch.float64)
+    except NotPerSampleError:
+        return math.inf
     kernel = contract_blocks(features, features, k)
     picks = [(0, 0), (pair.shape[0] - 1, k - 1)]
     grads = []
