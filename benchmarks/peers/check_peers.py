@@ -52,10 +52,10 @@ def reference_kernel(path: str) -> np.ndarray:
 
     def f(ps, x):
         h = x
-        for l in range(L):
-            W, b = ps[2 * l], ps[2 * l + 1]
+        for li in range(L):
+            W, b = ps[2 * li], ps[2 * li + 1]
             h = h @ W.T / W.shape[1] ** 0.5 + b
-            if l < L - 1:
+            if li < L - 1:
                 h = act(h)
         return h  # (n, k)
 
@@ -67,7 +67,13 @@ def reference_kernel(path: str) -> np.ndarray:
 
 
 def run_adapter(
-    python: str, script: str, workload: str, out_json: str, kernel: str, timeout: float
+    python: str,
+    script: str,
+    workload: str,
+    out_json: str,
+    kernel: str,
+    timeout: float,
+    extra: tuple[str, ...] = (),
 ):
     cmd = [
         python,
@@ -79,6 +85,7 @@ def run_adapter(
         "--save-kernel",
         kernel,
     ]
+    cmd += list(extra)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -112,9 +119,11 @@ def main() -> int:
     args = p.parse_args()
 
     peers = [
-        ("neural-tangents", args.nt_python, "nt_kernel.py"),
-        ("nngeometry", sys.executable, "nngeometry_kernel.py"),
+        ("neural-tangents", args.nt_python, "nt_kernel.py", ()),
+        ("nngeometry", sys.executable, "nngeometry_kernel.py", ()),
     ]
+    # the literal h @ W.T form of the NT adapter, checked on the first case only
+    nt_out_in = ("nt[W.T form]", args.nt_python, "nt_kernel.py", ("--weight-layout", "out_in"))
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for case_id, (name, n, d, width, depth, k, activation, dtype) in enumerate(
@@ -125,21 +134,27 @@ def main() -> int:
             dims = [d] + [width] * (depth - 1) + [k]
             weights = [
                 (
-                    rng.standard_normal((dims[l + 1], dims[l])),
-                    0.1 * rng.standard_normal(dims[l + 1]),
+                    rng.standard_normal((dims[li + 1], dims[li])),
+                    0.1 * rng.standard_normal(dims[li + 1]),
                 )
-                for l in range(depth)
+                for li in range(depth)
             ]
             wpath = os.path.join(tmp, "workload.npz")
             write_workload(wpath, x, weights, activation, dtype)
             K_ref = reference_kernel(wpath)
             tol = 1e-10 if dtype == "float64" else 1e-4
-            for peer, python, script in peers:
+            for peer, python, script, extra in peers + ([nt_out_in] if case_id == 0 else []):
                 kpath = os.path.join(tmp, f"{script}.npy")
                 if os.path.exists(kpath):
                     os.remove(kpath)
                 res = run_adapter(
-                    python, script, wpath, os.path.join(tmp, f"{script}.json"), kpath, args.timeout
+                    python,
+                    script,
+                    wpath,
+                    os.path.join(tmp, f"{script}.json"),
+                    kpath,
+                    args.timeout,
+                    extra,
                 )
                 if res.get("status") != "ok":
                     print(

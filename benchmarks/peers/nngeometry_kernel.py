@@ -85,14 +85,14 @@ def build_model(wl: dict, dtype):
         raise ValueError(f"unsupported activation {wl['activation']!r}")
     L = wl["depth"]
     mods = []
-    for l, (W, b) in enumerate(wl["weights"]):
+    for li, (W, b) in enumerate(wl["weights"]):
         out_f, in_f = W.shape
         lin = nn.Linear(in_f, out_f, bias=True, dtype=dtype)
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(W).to(dtype))
             lin.bias.copy_(torch.from_numpy(b).to(dtype))
         mods += [Scale(in_f**-0.5), lin]
-        if l < L - 1:
+        if li < L - 1:
             mods.append(acts[wl["activation"]]())
     return nn.Sequential(*mods)
 

@@ -95,9 +95,9 @@ def run(args) -> dict:
 
         def f(params, x):
             h = x
-            for l, (W, b) in enumerate(params):
-                h = (h @ W) * scales[l] + b
-                if l < L - 1:
+            for li, (W, b) in enumerate(params):
+                h = (h @ W) * scales[li] + b
+                if li < L - 1:
                     h = act(h)
             return h
 
@@ -106,9 +106,9 @@ def run(args) -> dict:
 
         def f(params, x):
             h = x
-            for l, (W, b) in enumerate(params):
-                h = (h @ W.T) * scales[l] + b
-                if l < L - 1:
+            for li, (W, b) in enumerate(params):
+                h = (h @ W.T) * scales[li] + b
+                if li < L - 1:
                     h = act(h)
             return h
 

@@ -10,7 +10,7 @@ Format (all arrays float64, whatever the compute dtype):
   residual_layernorm int 0/1 (peers report "unsupported" for 1)
   cnn                int 0/1 (peers report "unsupported" for 1)
 
-Model (NTK parameterization): h = x; for l in 0..L-1: h = h @ W_l.T / sqrt(in_l) + b_l,
+Model (NTK parameterization): h = x; for li in 0..L-1: h = h @ W_l.T / sqrt(in_l) + b_l,
 with activation(h) between layers (not after the last). Kernel: K = J J^T over all
 W_l and b_l, full over outputs, sample-major (n*k, n*k) with row index i*k + a.
 
@@ -51,12 +51,12 @@ def write_workload(
         if x.ndim != 2:
             raise ValueError(f"x must be (n, d), got shape {x.shape}")
         fan_in = x.shape[1]
-        for l, (W, b) in enumerate(weights):
+        for li, (W, b) in enumerate(weights):
             W = np.asarray(W)
             b = np.asarray(b)
             if W.ndim != 2 or W.shape[1] != fan_in or b.shape != (W.shape[0],):
                 raise ValueError(
-                    f"layer {l}: W {W.shape} / b {b.shape} do not chain from fan-in {fan_in}"
+                    f"layer {li}: W {W.shape} / b {b.shape} do not chain from fan-in {fan_in}"
                 )
             fan_in = W.shape[0]
     arrays: dict[str, np.ndarray] = {
@@ -67,9 +67,9 @@ def write_workload(
         "residual_layernorm": np.asarray(int(bool(residual_layernorm)), dtype=np.int64),
         "cnn": np.asarray(int(bool(cnn)), dtype=np.int64),
     }
-    for l, (W, b) in enumerate(weights):
-        arrays[f"W{l}"] = np.asarray(W, dtype=np.float64)
-        arrays[f"b{l}"] = np.asarray(b, dtype=np.float64)
+    for li, (W, b) in enumerate(weights):
+        arrays[f"W{li}"] = np.asarray(W, dtype=np.float64)
+        arrays[f"b{li}"] = np.asarray(b, dtype=np.float64)
     with open(path, "wb") as fh:  # np.savez would append .npz to a str path lacking it
         np.savez(fh, **arrays)
 
@@ -86,8 +86,11 @@ def read_workload(path) -> dict:
             "residual_layernorm": int(z["residual_layernorm"]) if "residual_layernorm" in z else 0,
             "cnn": int(z["cnn"]) if "cnn" in z else 0,
             "weights": [
-                (np.asarray(z[f"W{l}"], dtype=np.float64), np.asarray(z[f"b{l}"], dtype=np.float64))
-                for l in range(depth)
+                (
+                    np.asarray(z[f"W{li}"], dtype=np.float64),
+                    np.asarray(z[f"b{li}"], dtype=np.float64),
+                )
+                for li in range(depth)
             ],
         }
     return out
@@ -109,8 +112,8 @@ def random_mlp_workload(
     x = rng.standard_normal((n, d))
     dims = [d] + [width] * (depth - 1) + [k]
     weights = [
-        (rng.standard_normal((dims[l + 1], dims[l])), 0.1 * rng.standard_normal(dims[l + 1]))
-        for l in range(depth)
+        (rng.standard_normal((dims[li + 1], dims[li])), 0.1 * rng.standard_normal(dims[li + 1]))
+        for li in range(depth)
     ]
     write_workload(path, x, weights, activation, dtype)
 

@@ -24,12 +24,16 @@ _MAX_DEFAULT_BUDGET = 2 * 1024**3
 
 
 def default_memory_budget() -> int:
-    """Working memory plstar plans for: a quarter of the RAM available now, at most 2 GiB (bytes)."""
+    """Working memory plstar plans for: a quarter of physical RAM, at most 2 GiB (bytes).
+
+    Physical rather than "free" RAM: free pages exclude the page cache, which the OS gives back on
+    demand, and would make plans (and timings) depend on what ran before.
+    """
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        available = 8 * 1024**3
-    return int(min(0.25 * available, _MAX_DEFAULT_BUDGET))
+        physical = 8 * 1024**3
+    return int(min(0.25 * physical, _MAX_DEFAULT_BUDGET))
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,18 @@ class KernelPlan:
 
 
 def activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
-    """Bytes autograd saves for one sample's backward pass."""
+    """Bytes autograd saves for one sample's backward pass, parameters (and views of them) excluded:
+    they are saved too, but once per batch, not per sample."""
     saved = 0
+    params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
+    shared = {p.untyped_storage().data_ptr() for p in [*params.values(), *fmodel.buffers.values()]}
 
     def pack(t: Tensor) -> Tensor:
         nonlocal saved
-        saved += t.numel() * t.element_size()
+        if t.untyped_storage().data_ptr() not in shared:
+            saved += t.numel() * t.element_size()
         return t
 
-    params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fmodel(params, x[:1]).sum()
     return max(saved, 1)

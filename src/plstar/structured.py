@@ -139,9 +139,13 @@ def layer_factors(module: nn.Module, uses: list[tuple[Tensor, Tensor]], k: int) 
         scale = module.scale if isinstance(module, NTKConv2d) else 1.0
     else:
         return _affine_factors(module, uses, k, trainable)
+    has_bias = "bias" in trainable and module.bias is not None
     if "weight" in trainable:
-        factors.append(_weight_factor(inputs * scale, delta))
-    if "bias" in trainable and module.bias is not None:
+        inputs = inputs * scale
+        if has_bias:  # the bias is the weight of a constant input 1: one Gram covers both
+            inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)
+        factors.append(_weight_factor(inputs, delta))
+    elif has_bias:
         factors.append(("rows", delta.sum(dim=1), None))
     return factors
 
