@@ -169,6 +169,7 @@ def analyze(
             implementation=implementation,
             dtype=dtype,
             memory_budget=memory_budget or default_memory_budget(),
+            symmetric=True,
         ).implementation
         K = timed(
             "tangent kernel",

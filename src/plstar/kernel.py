@@ -170,8 +170,9 @@ def tangent_kernel(
     fmodel, x, x2_ = _prepare(model, x, x2)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     plan = plan_kernel(
-        fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype, memory_budget=budget
-    )
+        fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype,
+        memory_budget=budget, symmetric=x2 is None,
+    )  # fmt: skip
     symmetric = x2 is None
     if plan.implementation == "ntvp":
         with torch.no_grad():

@@ -68,12 +68,14 @@ def activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
     return max(saved, 1)
 
 
-def _largest_block(per_sample: int, per_pair: int, budget: int) -> int:
-    """Largest c with 2·c·per_sample + c²·per_pair ≤ budget (at least 1)."""
+def _largest_block(fixed: int, per_sample: int, per_pair: int, budget: int) -> int:
+    """Largest c with fixed + c·per_sample + c²·per_pair ≤ budget (0 if even c = 1 does not fit)."""
+    room = budget - fixed
+    if room < per_sample + per_pair:
+        return 0
     if per_pair <= 0:
-        return max(1, budget // (2 * per_sample))
-    root = (-2 * per_sample + math.sqrt(4 * per_sample**2 + 4 * per_pair * budget)) / (2 * per_pair)
-    return max(1, int(root))
+        return room // per_sample
+    return int((-per_sample + math.sqrt(per_sample**2 + 4 * per_pair * room)) / (2 * per_pair))
 
 
 def _structured_sizes(
@@ -93,13 +95,17 @@ def plan_kernel(
     implementation: Implementation,
     dtype: torch.dtype,
     memory_budget: int,
+    symmetric: bool = False,
 ) -> KernelPlan:
     """Choose the implementation and block sizes so working memory stays within ``memory_budget``.
 
     The budget covers working memory; the result itself (n·k · n2·k · itemsize) is counted apart.
     "auto" takes "structured" whenever a layer rule covers some parameters (its flops never exceed
     the Jacobian contraction's), else "jacobian" when a block of one sample per side fits, else
-    "ntvp", whose blocks hold only one set of Jacobian rows.
+    "ntvp", whose blocks hold only one set of Jacobian rows. Features of every block are kept when
+    they fit beside blocks of at least 64 samples; otherwise two blocks are held at a time and
+    column blocks are recomputed. ``symmetric`` (x2 is x) lets one set of features serve rows and
+    columns. Sizes are measured on one sample, so the plan fits any module.
     """
     n, k, m = x.shape[0], fmodel.k, fmodel.m
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -125,20 +131,30 @@ def plan_kernel(
         else:
             implementation = "ntvp"
     if implementation in ("structured", "jacobian"):
-        if sizes is not None:
-            per_sample, per_pair = sizes[0] + k * activations, sizes[1]
+        if sizes is not None:  # kept features; the activations only while a block is computed
+            stored, transient, per_pair = sizes[0], k * activations, sizes[1]
         else:
-            per_sample, per_pair = jacobian_per_sample, 0
+            stored, transient, per_pair = (
+                k * m * itemsize,
+                k * (m * model_itemsize + activations),
+                0,
+            )
         per_pair += 3 * k * k * itemsize  # the block product and its temporaries
-        block = _largest_block(per_sample, per_pair, memory_budget)
+        samples = n if symmetric else n + n2
+        # Keep every block's features when they fit with room for blocks of ≥ 64 samples; else
+        # hold two blocks at a time and recompute column blocks.
+        cached = _largest_block(samples * stored, transient, per_pair, memory_budget)
+        cache = cached >= min(64, n, n2)
+        if cache:
+            block = cached
+        else:
+            block = max(1, _largest_block(0, 2 * stored + transient, per_pair, memory_budget))
         row, col = min(n, block), min(n2, block)
-        planned = (row + col) * per_sample + row * col * per_pair
-        everything = (n + n2) * per_sample + row * col * per_pair
-        cache = everything <= memory_budget
+        held = samples * stored if cache else (row + col) * stored
+        planned = held + max(row, col) * transient + row * col * per_pair
         return KernelPlan(
-            implementation, row, col, int(everything if cache else planned), memory_budget,
-            result_bytes, cache,
-        )  # fmt: skip
+            implementation, row, col, int(planned), memory_budget, result_bytes, cache
+        )
     if implementation == "ntvp":
         col = max(1, min(n2, memory_budget // (2 * jacobian_per_sample)))
         # vmap over col·k tangents of a forward pass over ``row`` samples
