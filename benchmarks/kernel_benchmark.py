@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report_sections import write_section
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -218,7 +219,7 @@ def main() -> None:
 
 def write_report(path: Path, rows: list, peaks: dict, gram: dict | None, command: str) -> None:
     lines = [
-        "# Benchmarks",
+        "## Tangent kernel",
         "",
         f"Produced by `python {command.replace(str(HERE.parent) + '/', '')}` on {time.strftime('%Y-%m-%d')}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. "
@@ -260,7 +261,7 @@ def write_report(path: Path, rows: list, peaks: dict, gram: dict | None, command
             f"in {gram['seconds']:.2f} s = {rate / 1e9:.1f} GFLOP/s, {100 * rate / peaks.get('float32', rate):.0f}% "
             "of the measured GEMM throughput.",
         ]
-    path.write_text("\n".join(lines) + "\n")
+    write_section("kernel", "\n".join(lines), path)
 
 
 if __name__ == "__main__":
