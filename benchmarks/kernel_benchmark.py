@@ -73,7 +73,10 @@ def run_local(workload: str, implementation: str, dtype: str, repeats: int) -> d
             "message": f"Jacobian of {predicted / 2**30:.0f} GiB recomputed in blocks: minutes per run",
         }
     if implementation == "recipe-ntvp" and "n256" not in workload:
-        return {"status": "not run", "message": "n²·k per-pair products: 2 min at n = 256, ×16 at n = 1,024"}
+        return {
+            "status": "not run",
+            "message": "n²·k per-pair products: 2 min at n = 256, ×16 at n = 1,024",
+        }
     command = [
         sys.executable,
         str(HERE / "workloads.py"),

@@ -5,6 +5,7 @@ systems and neural networks* (arXiv 2003.00307). Conventions: docs/conventions i
 """
 
 from plstar import theory
+from plstar.certify import BallPoint, Certificate, certify
 from plstar.conditions import Analysis, analyze, pl_ratio
 from plstar.curvature import (
     EigenEstimate,
@@ -16,13 +17,17 @@ from plstar.curvature import (
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
 from plstar.functional import FunctionalModel, jacobian_rows, make_functional
 from plstar.kernel import KernelOperator, kernel_operator, tangent_kernel
+from plstar.monitor import Monitor, Record
 from plstar.planning import KernelPlan, default_memory_budget, plan_kernel
 from plstar.spectrum import LanczosResult, Spectrum, lanczos, spectrum
+from plstar.train import TrainingInterrupted, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "BallPoint",
+    "Certificate",
     "DataError",
     "EigenEstimate",
     "FunctionalModel",
@@ -31,10 +36,15 @@ __all__ = [
     "KernelOperator",
     "KernelPlan",
     "LanczosResult",
+    "Monitor",
     "PlstarInputError",
+    "Record",
     "Spectrum",
+    "TrainResult",
+    "TrainingInterrupted",
     "__version__",
     "analyze",
+    "certify",
     "default_memory_budget",
     "jacobian_rows",
     "kernel_operator",
@@ -48,4 +58,5 @@ __all__ = [
     "spectrum",
     "tangent_kernel",
     "theory",
+    "train",
 ]

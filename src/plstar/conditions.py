@@ -85,14 +85,15 @@ class Analysis:
                 value = value.to_dict()
             out[key] = value
         out["pl_star_at_w0"] = self.pl_star_at_w0
-        return _json_safe(out)
+        return json_safe(out)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Dicts/lists of plain values with non-finite floats spelled "inf"/"-inf"/"nan" (strict JSON)."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value

@@ -1,0 +1,101 @@
+"""Figures of the report layer (matplotlib, Agg canvas): the core never plots.
+
+The figure is drawn on an explicit ``FigureCanvasAgg`` rather than through ``pyplot``, so importing
+plstar never switches the user's matplotlib backend (a notebook keeps its own).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _series(records: Sequence[Any], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) where ``key`` was measured and is a finite number."""
+    steps, values = [], []
+    for record in records:
+        row = record if isinstance(record, Mapping) else vars(record)
+        value = row.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            steps.append(int(row["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def plot_training(
+    records: Sequence[Any],
+    path: str | Path,
+    *,
+    mu: float | None = None,
+    radius: float | None = None,
+    title: str | None = None,
+    subsample: int | None = None,
+    n: int | None = None,
+) -> Path:
+    """Four panels from monitor records (``Record`` objects or their dicts), saved as a PNG.
+
+    Loss L(w_t) against the envelope rate^t·L₀ (log axis); λ_min and λ_max of the subsample kernel
+    with μ = λ_min(K(w₀)) of the full kernel; relative kernel drift ‖K_t − K₀‖_F/‖K₀‖_F; the
+    distance ‖w_t − w₀‖ against the radius R (log axis, so that both show when R ≫ the path).
+    Written atomically (temporary file, then rename). Cost: negligible next to training.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 7.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_ax, kernel_ax, drift_ax, distance_ax = figure.subplots(2, 2).ravel()
+    steps, losses = _series(records, "loss")
+    env_steps, envelope = _series(records, "envelope")
+    loss_ax.semilogy(steps, [max(v, 1e-300) for v in losses], label="L(w_t)")
+    loss_ax.semilogy(
+        env_steps, [max(v, 1e-300) for v in envelope], "--", label="envelope rate^t·L₀"
+    )
+    loss_ax.set(title="loss and the theory's envelope", xlabel="step", ylabel="L (summed)")
+    loss_ax.legend()
+
+    scope = "" if subsample is None else f" ({subsample} of {n} samples)"
+    plotted: list[float] = []
+    for key, label, style in (("lambda_min", "λ_min", "o-"), ("lambda_max", "λ_max", "s-")):
+        xs, ys = _series(records, key)
+        plotted += ys
+        if xs:
+            kernel_ax.plot(xs, ys, style, markersize=3, label=f"{label}(K_t){scope}")
+    if mu is not None and math.isfinite(mu) and mu > 0:
+        kernel_ax.axhline(mu, color="grey", linestyle=":", label="μ = λ_min(K(w₀)), full data")
+        plotted.append(mu)
+    if plotted and min(plotted) > 0:  # λ_min and λ_max differ by orders of magnitude
+        kernel_ax.set_yscale("log")
+    kernel_ax.set(title="tangent kernel extremes", xlabel="step")
+    kernel_ax.legend(fontsize="small")
+
+    xs, ys = _series(records, "drift")
+    drift_ax.plot(xs, ys, "o-", markersize=3)
+    drift_ax.set(title="relative kernel drift ‖K_t − K₀‖_F / ‖K₀‖_F" + scope, xlabel="step")
+
+    xs, ys = _series(records, "distance")
+    has_radius = radius is not None and math.isfinite(radius) and radius > 0
+    if has_radius:  # log axis, so that both show when R ≫ the path; w₀ itself (0) is left out
+        xs, ys = [s for s, d in zip(xs, ys, strict=True) if d > 0], [d for d in ys if d > 0]
+        distance_ax.set_yscale("log")
+        distance_ax.axhline(radius, color="red", linestyle="--", label=f"R = {radius:.3g}")
+    distance_ax.plot(xs, ys, label="‖w_t − w₀‖")
+    distance_ax.set(title="distance from w₀ and the theory's radius", xlabel="step")
+    distance_ax.legend()
+    if title:
+        figure.suptitle(title)
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a figure is for sharing
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,423 @@
+"""GD and SGD with the step sizes the theory certifies, checked against the theory as they run.
+
+* GD (THEORY.md item 2): η = 1/β with β = λ_max(H_L(w₀)); β is re-measured every
+  ``recheck_every`` steps and η lowered to 1/β if it grew; if the loss ever rises, the run says
+  so and halves η. The envelope is L_t ≤ (1 − μ/β)^t L₀.
+* SGD (item 6, derived for the summed loss in docs/theory.md): batches of b samples drawn without
+  replacement, update w ← w − η·(n/b)·Σ_batch ∇ℓ_i, step η*(b) = bμ/(λ(nβ_s + μ(b − 1))) with
+  λ = β(w₀) and β_s the per-sample smoothness (:func:`per_sample_smoothness`); E L_t ≤ (1 − μη*)^t L₀.
+* PL*_ε (item 7): the first step with L < ε, and the bound ⌊(β/μ) log(L₀/ε)⌋ + 1.
+
+The training step itself is a plain autograd pass over the module (not the functional core): it is
+the loop being measured, and must cost what a user's own loop costs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from plstar import theory
+from plstar.certify import flat_parameters, per_sample_smoothness, trainable_parameters
+from plstar.conditions import json_safe
+from plstar.curvature import loss_sharpness
+from plstar.errors import PlstarInputError
+from plstar.functional import ProgressCallback, check_targets, chunks, make_functional
+from plstar.monitor import Monitor, Reference, reference_point
+from plstar.planning import activation_bytes_per_sample, default_memory_budget
+
+Method = Literal["gd", "sgd"]
+SGD_FAILURE_PROBABILITY = 0.05
+"""δ of the SGD radius reported by ``train``: the path stays in B(w₀, R) with probability ≥ 1 − δ."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did and what the theory predicted for it (summed loss L = ½‖F − y‖²).
+
+    ``rate``: the per-step contraction of the envelope (GD: of L_t; SGD: of E L_t), from w₀;
+    ``radius``: the ball the theory keeps the path in (SGD: with probability 1 − δ, δ = 0.05);
+    ``first_below_eps``: first step with L < ε (None if never); ``pl_eps_bound``: ⌊κ log(L₀/ε)⌋ + 1
+    for GD at η = 1/β (item 7), else the step at which the envelope reaches ε (for SGD, in mean);
+    ``losses``: L(w_t) over the full data for t = 0..steps (omitted from :meth:`to_dict`);
+    ``events``: loss rises, step-size changes, divergence, interruption, in words.
+    """
+
+    method: str
+    lr_mode: str
+    steps: int
+    steps_requested: int
+    interrupted: bool
+    n: int
+    m: int
+    batch_size: int
+    loss0: float
+    final_loss: float
+    mu: float
+    beta: float
+    per_sample_smoothness: float | None
+    step_size: float
+    final_step_size: float
+    rate: float
+    radius: float
+    saturation_batch_size: float | None
+    eps: float
+    first_below_eps: int | None
+    pl_eps_bound: float
+    max_distance: float
+    max_envelope_ratio: float
+    seconds: float
+    losses: list[float] = field(default_factory=list, repr=False)
+    events: list[str] = field(default_factory=list)
+    verdict: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary, without the per-step losses (they are in the monitor's history)."""
+        out = {key: value for key, value in asdict(self).items() if key != "losses"}
+        return json_safe(out)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: still a KeyboardInterrupt, carrying the run so far as ``result``."""
+
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__("training interrupted")
+        self.result = result
+
+
+def gd_rate_for_step(step_size: float, beta: float, mu: float) -> float:
+    """Per-step loss contraction of GD with any step η under β-smoothness and μ-PL* (item 2).
+
+    Descent lemma: L_{t+1} ≤ L_t − η(1 − βη/2)‖∇L‖² ≤ (1 − 2μη + μβη²) L_t. Equals 1 − μ/β at
+    η = 1/β (:func:`plstar.theory.gd_rate`); 1 (no guarantee) for η ≥ 2/β or μ ≤ 0. Clipped to [0, 1].
+    """
+    if mu <= 0 or step_size * beta >= 2:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 - 2 * mu * step_size + mu * beta * step_size**2))
+
+
+def gd_radius_for_step(step_size: float, beta: float, mu: float, loss0: float) -> float:
+    """Ball radius 2η√(2βL₀)/(1 − rate(η)) holding GD's path with step η ≤ 1/β (item 2).
+
+    Steps are ‖η∇L_t‖ ≤ η√(2βL_t) and L_t ≤ rate^t L₀, so the path is ≤ η√(2βL₀)/(1 − √rate)
+    ≤ 2η√(2βL₀)/(1 − rate). At η = 1/β it is the GD theorem's 2√(2βL₀)/μ. ∞ without a guarantee.
+    """
+    rate = gd_rate_for_step(step_size, beta, mu)
+    if rate >= 1.0 or step_size * beta > 1.0 + 1e-12:
+        return math.inf
+    return 2 * step_size * math.sqrt(2 * beta * loss0) / (1.0 - rate)
+
+
+def pl_eps_first_passage_bound(beta: float, mu: float, loss0: float, eps: float) -> float:
+    """Bound on the first t with L_t < ε (strict) for GD at η = 1/β under μ-PL*_ε (THEORY item 7).
+
+    docs/theory.md item 7: ⌈(β/μ) log(L₀/ε)⌉ (:func:`plstar.theory.pl_eps_steps_bound`) bounds
+    the first L_t ≤ ε; for "<" it is ⌊(β/μ) log(L₀/ε)⌋ + 1, one more only when the product is an
+    integer. 0 if L₀ < ε; ∞ if μ ≤ 0 or β ≤ 0.
+    """
+    if loss0 < eps:
+        return 0.0
+    if mu <= 0 or beta <= 0:
+        return math.inf
+    ceiling = theory.pl_eps_steps_bound(beta, mu, loss0, eps)
+    exact = beta / mu * (math.log(loss0) - math.log(eps))
+    return ceiling + 1.0 if ceiling == exact else ceiling
+
+
+def check_arguments(
+    method: str, steps: int, lr: str | float, batch_size: int | None, n: int, eps: float | None,
+    recheck_every: int | None,
+) -> int:  # fmt: skip
+    """Validate :func:`train`'s arguments for n samples; return the batch size b (n for GD).
+
+    Raises PlstarInputError naming the argument; cheap, so callers may check before any setup.
+    """
+    if method not in ("gd", "sgd"):
+        raise PlstarInputError(f"method must be 'gd' or 'sgd', got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PlstarInputError(f"steps must be an integer ≥ 1, got {steps!r}")
+    bad_number = isinstance(lr, bool) or not isinstance(lr, int | float | str)
+    if lr != "theory" and (bad_number or isinstance(lr, str) or not (math.isfinite(lr) and lr > 0)):
+        raise PlstarInputError(f"lr must be 'theory' or a finite number > 0, got {lr!r}")
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise PlstarInputError(f"eps must be finite and > 0, got {eps!r}")
+    if recheck_every is not None and (isinstance(recheck_every, bool) or recheck_every < 1):
+        raise PlstarInputError(f"recheck_every must be ≥ 1, got {recheck_every!r}")
+    if method == "gd":
+        if batch_size not in (None, n):
+            raise PlstarInputError(
+                f"batch_size applies to method='sgd'; GD uses all n = {n} samples"
+            )
+        return n
+    b = min(n, 32) if batch_size is None else batch_size
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
+        raise PlstarInputError(f"batch_size must be an integer in 1..n = {n}, got {batch_size!r}")
+    return b
+
+
+class _Objective:
+    """L = ½‖F − y‖² and its gradient by plain autograd on the module, in sample blocks."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, memory_budget: int | None) -> None:
+        fmodel = make_functional(model, x)
+        self.model, self.params = model, trainable_parameters(model)
+        self.x = x.to(fmodel.dtype) if x.is_floating_point() else x
+        self.y = check_targets(fmodel, x, y)
+        budget = memory_budget if memory_budget is not None else default_memory_budget()
+        self.block = max(1, budget // (3 * activation_bytes_per_sample(fmodel, self.x)))
+
+    def gradient(self, index: Tensor | None = None) -> tuple[float, list[Tensor]]:
+        """(L, ∇L as per-parameter tensors) over all samples, or the samples in ``index``."""
+        x, y = (self.x, self.y) if index is None else (self.x[index], self.y[index])
+        total, grads = 0.0, [torch.zeros_like(p) for p in self.params]
+        for rows in chunks(x.shape[0], self.block):
+            out = self.model(x[rows]).reshape(y[rows].shape)
+            loss = 0.5 * ((out - y[rows]) ** 2).sum()
+            for g, part in zip(grads, torch.autograd.grad(loss, self.params), strict=True):
+                g += part
+            total += float(loss.detach())
+        return total, grads
+
+    def loss(self) -> float:
+        """L over all samples, forward passes only."""
+        with torch.no_grad():
+            parts = [self.model(self.x[r]).reshape(self.y[r].shape) - self.y[r]
+                     for r in chunks(self.x.shape[0], self.block)]  # fmt: skip
+            return 0.5 * sum(float((part**2).sum()) for part in parts)
+
+
+def _flat(grads: list[Tensor]) -> Tensor:
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def _unflat(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
+    sizes = [p.numel() for p in like]
+    return [v.reshape(p.shape).to(p.dtype) for v, p in zip(vector.split(sizes), like, strict=True)]
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    method: Method = "gd",
+    steps: int = 200,
+    lr: str | float = "theory",
+    batch_size: int | None = None,
+    monitor: Monitor | None = None,
+    eps: float | None = None,
+    recheck_every: int | None = None,
+    hessian_outputs: int | None = 4,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on L = ½‖F − y‖² (summed) with the theory's step size, and compare.
+
+    ``lr="theory"``: GD η = 1/β(w₀), SGD η*(b) (module docstring); a number: that step, never
+    changed (the rate and radius are then those of the descent lemma for it, or SGD's ρ(η)).
+    ``batch_size`` (SGD only, default min(n, 32)): samples per step, drawn without replacement.
+    ``monitor``: a :class:`Monitor` created on the same model right before; its w₀ measurements
+    are reused and it records every step. ``eps``: PL*_ε target (default 1e-6·L₀).
+    ``recheck_every``: GD steps between re-measurements of β (default: the monitor's ``every``,
+    else 100). Ctrl-C raises :class:`TrainingInterrupted` carrying the result so far; the model
+    keeps the last parameters reached. Cost per step: GD one forward and reverse pass over all
+    samples; SGD one over b samples plus a forward pass over all (L(w_t)), or a full gradient pass
+    when a monitor records ρ. Setup: :func:`reference_point`, and for SGD
+    :func:`per_sample_smoothness`. Raises PlstarInputError for an unknown method, steps < 1,
+    lr ≤ 0, batch_size outside 1..n (or given for GD), eps ≤ 0, or a monitor for other parameters.
+    """
+    fmodel = make_functional(model, x)
+    n, m = x.shape[0], fmodel.m
+    b = check_arguments(method, steps, lr, batch_size, n, eps, recheck_every)
+    objective = _Objective(model, x, y, memory_budget)
+    if monitor is not None:
+        monitor.check_start(model, n)
+        ref: Reference = monitor.reference
+    else:
+        ref = reference_point(model, x, objective.y, seed=seed, memory_budget=memory_budget,
+                              progress=progress)  # fmt: skip
+    mu, beta, loss0 = ref.mu, ref.beta, ref.loss0
+    theory_lr = lr == "theory"
+    if theory_lr and beta <= 0:
+        raise PlstarInputError(
+            f"β(w₀) = {beta:.3g} ≤ 0 (L is locally concave): 1/β is no step; pass lr"
+        )
+    beta_s: float | None = None
+    saturation: float | None = None
+    if method == "gd":
+        eta = theory.gd_step_size(beta) if theory_lr else float(lr)
+        rate, radius = gd_rate_for_step(eta, beta, mu), gd_radius_for_step(eta, beta, mu, loss0)
+    else:
+        beta_s = per_sample_smoothness(model, x, objective.y, hessian_outputs=hessian_outputs,
+                                       seed=seed, memory_budget=memory_budget)  # fmt: skip
+        if theory_lr and mu <= 0:
+            raise PlstarInputError(
+                "λ_min(K(w₀)) is zero within precision: no SGD step is certified; pass lr"
+            )
+        sgd = {"per_sample_smoothness": beta_s, "loss_smoothness": beta, "pl_constant": mu,
+               "n_samples": n, "batch_size": b}  # fmt: skip
+        eta = theory.sgd_step_size(**sgd) if theory_lr else float(lr)
+        rate = theory.sgd_rate(**sgd, step_size=None if theory_lr else eta)
+        radius = theory.sgd_radius(
+            per_sample_smoothness=beta_s, pl_constant=mu, loss0=loss0, n_samples=n,
+            failure_probability=SGD_FAILURE_PROBABILITY,
+        ) if theory_lr else math.nan  # fmt: skip
+        saturation = theory.sgd_saturation_batch_size(
+            per_sample_smoothness=beta_s, pl_constant=mu, n_samples=n
+        )
+    if monitor is not None:
+        monitor.rate, monitor.radius = rate, radius
+    target = eps if eps is not None else 1e-6 * loss0
+    result = TrainResult(
+        method=method, lr_mode="theory" if theory_lr else "fixed", steps=0, steps_requested=steps,
+        interrupted=False, n=n, m=m, batch_size=b, loss0=loss0, final_loss=loss0, mu=mu, beta=beta,
+        per_sample_smoothness=beta_s, step_size=eta, final_step_size=eta, rate=rate, radius=radius,
+        saturation_batch_size=saturation, eps=target,
+        first_below_eps=0 if loss0 < target else None,
+        pl_eps_bound=pl_eps_first_passage_bound(beta, mu, loss0, target)
+        if method == "gd" and theory_lr else theory.steps_to_loss(loss0, target, rate),
+        max_distance=0.0, max_envelope_ratio=1.0, seconds=0.0, losses=[loss0],
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        _loop(
+            result, objective, ref, monitor, theory_lr, recheck_every, seed, memory_budget, progress
+        )
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.events.append(f"interrupted (Ctrl-C) after step {result.steps}")
+    result.seconds = time.perf_counter() - started
+    result.final_loss = result.losses[-1]
+    result.max_envelope_ratio = _envelope_ratio(result.losses, rate)
+    result.verdict = _verdict(result)
+    if result.interrupted:
+        raise TrainingInterrupted(result)
+    return result
+
+
+def _loop(
+    result: TrainResult, objective: _Objective, ref: Reference, monitor: Monitor | None,
+    theory_lr: bool, recheck_every: int | None, seed: int, memory_budget: int | None,
+    progress: ProgressCallback | None,
+) -> None:  # fmt: skip
+    """The steps; updates ``result`` in place after each, so an interruption loses nothing."""
+    gd, n, b = result.method == "gd", result.n, result.batch_size
+    params, w0 = objective.params, flat_parameters(objective.model)
+    generator = torch.Generator().manual_seed(seed)
+    grads = _unflat(ref.gradient0, params) if gd else []
+    recheck = recheck_every or (monitor.every if monitor is not None else 100)
+    beta_now, warm = ref.beta, ref.beta_vector
+    counts = {"L rose": 0, "β grew": 0}
+
+    def note(kind: str, text: str) -> None:  # the first 5 of each kind; a long run stays readable
+        counts[kind] += 1
+        if counts[kind] <= 5:
+            result.events.append(text)
+
+    # Round-off in a sum of n squares: rises smaller than this are not rises.
+    tolerance = 100 * float(torch.finfo(params[0].dtype).eps)
+    eta = result.step_size
+    for step in range(1, result.steps_requested + 1):
+        if gd:
+            direction = grads
+        else:
+            _, direction = objective.gradient(torch.randperm(n, generator=generator)[:b])
+            torch._foreach_mul_(direction, n / b)  # g = (n/b) Σ_batch ∇ℓ_i, unbiased for ∇L
+        with torch.no_grad():  # one fused call: Ctrl-C cannot land between two parameters
+            torch._foreach_add_(params, direction, alpha=-eta)
+        record = None
+        if gd:
+            loss, grads = objective.gradient()
+            if monitor is not None:
+                record = monitor.step(loss=loss, gradient=_flat(grads), step_size=eta)
+        elif monitor is not None:
+            record = monitor.step(step_size=eta)
+            loss = record.loss
+        else:
+            loss = objective.loss()
+        previous = result.losses[-1]
+        result.losses.append(loss)
+        result.steps = step
+        distance = (
+            record.distance
+            if record is not None
+            else float((flat_parameters(objective.model) - w0).double().norm())
+        )
+        result.max_distance = max(result.max_distance, distance)
+        if progress is not None:
+            progress("train", step, result.steps_requested)
+        if not math.isfinite(loss):
+            result.events.append(f"step {step}: L = {loss}: diverged, stopped")
+            break
+        if result.first_below_eps is None and loss < result.eps:
+            result.first_below_eps = step
+        if gd and loss > previous * (1 + tolerance):
+            eta = eta / 2 if theory_lr else eta
+            change = f"η halved to {eta:.4g}" if theory_lr else "η kept (fixed lr)"
+            note("L rose", f"step {step}: L rose from {previous:.6g} to {loss:.6g}; {change}")
+        if gd and theory_lr and step % recheck == 0:
+            if record is not None and record.sharpness is not None:
+                found = record.sharpness
+            else:
+                estimate = loss_sharpness(objective.model, objective.x, objective.y, v0=warm, tol=1e-4,
+                                          max_iter=2, seed=seed, memory_budget=memory_budget)  # fmt: skip
+                found, warm = estimate.value, estimate.vector
+            if found > beta_now * (1 + 1e-3) and 1 / found < eta:
+                eta = 1 / found
+                note(
+                    "β grew",
+                    f"step {step}: β re-measured {found:.5g} > {beta_now:.5g}; η = {eta:.4g}",
+                )
+            beta_now = max(beta_now, found)
+        result.final_step_size = eta
+    result.events += [f"{kind}: {c} times in all" for kind, c in counts.items() if c > 5]
+
+
+def _envelope_ratio(losses: list[float], rate: float) -> float:
+    """max_t L_t / (rate^t L₀), in logs so that rate^t may underflow; ≤ 1 means within the envelope."""
+    if rate <= 0 or not losses or losses[0] <= 0:
+        return math.nan
+    log_rate, log0 = math.log(rate), math.log(losses[0])
+    worst = -math.inf
+    for t, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            return math.inf
+        if loss > 0:
+            worst = max(worst, math.log(loss) - log0 - t * log_rate)
+    return math.exp(worst) if worst > -math.inf else 0.0
+
+
+def _verdict(r: TrainResult) -> list[str]:
+    """The run against the theory, in words."""
+    what = "GD" if r.method == "gd" else f"SGD (b = {r.batch_size})"
+    how = "theory" if r.lr_mode == "theory" else "fixed"
+    lines = [f"{what}, η = {r.step_size:.4g} ({how}), {r.steps} of {r.steps_requested} steps: "
+             f"L from {r.loss0:.4g} to {r.final_loss:.4g}."]  # fmt: skip
+    if r.rate >= 1.0:
+        lines.append("No rate is guaranteed (μ = 0, or η too large for the measured β).")
+    else:
+        mean = "" if r.method == "gd" else "E "
+        inside = "within it" if r.max_envelope_ratio <= 1 + 1e-9 else "ABOVE it at some step"
+        lines.append(
+            f"Envelope from w₀: {mean}L_t ≤ {r.rate:.8g}^t·L₀; max L_t/envelope = "
+            f"{r.max_envelope_ratio:.3g} ({inside}"
+            + ("; one run of SGD may exceed a bound on the mean)." if r.method == "sgd" else ").")
+        )
+    reached = (f"first reached at step {r.first_below_eps}" if r.first_below_eps is not None
+               else f"not reached in {r.steps} steps")  # fmt: skip
+    bound = ("bound ⌊κ log(L₀/ε)⌋ + 1 =" if r.method == "gd" and r.lr_mode == "theory"
+             else f"the envelope{' (a mean)' if r.method == 'sgd' else ''} reaches ε at step")  # fmt: skip
+    lines.append(f"PL*_ε: L < ε = {r.eps:.3g} {reached}; {bound} {r.pl_eps_bound:.4g}.")
+    radius = "none derived for this step" if math.isnan(r.radius) else f"R = {r.radius:.4g}"
+    lines.append(f"max ‖w_t − w₀‖ = {r.max_distance:.4g}; theory's radius: {radius}.")
+    if r.method == "sgd" and r.saturation_batch_size is not None:
+        lines.append(
+            f"η*(b) scales linearly with b up to b* = 1 + nβ_s/μ = {r.saturation_batch_size:.4g}."
+        )
+    return lines
