@@ -24,7 +24,7 @@ n, width, k = (int(a) for a in sys.argv[1:4])
 data = load_digits(n, outputs=k, dtype=torch.float64)
 model = mlp(64, width, 3, k, generator_seed=0, dtype=torch.float64)
 fm = make_functional(model, data.x)
-features = structured.feature_bytes(fm, data.x[:1], torch.float64)[0] * n
+features = structured.probe(fm, data.x).bytes(torch.float64, k)[0] * n
 start = time.perf_counter()
 K = plstar.tangent_kernel(model, data.x)
 print(f"RESULT kernel_s={time.perf_counter() - start:.1f} kernel_gb={K.numel() * 8 / 1e9:.2f} features_gb={features / 1e9:.2f}")

@@ -169,18 +169,24 @@ def tangent_kernel(
     """
     fmodel, x, x2_ = _prepare(model, x, x2)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
+    found = (
+        structured.probe(fmodel, x)
+        if implementation == "structured"
+        or (implementation == "auto" and structured.split_parameters(fmodel)[0])
+        else None
+    )
     plan = plan_kernel(
         fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype,
-        memory_budget=budget, symmetric=x2 is None,
+        memory_budget=budget, symmetric=x2 is None, probe=found,
     )  # fmt: skip
     symmetric = x2 is None
     if plan.implementation == "ntvp":
         with torch.no_grad():
             return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress)
     if plan.implementation == "structured":
-        modules, fallback = structured.split_parameters(fmodel)
-        error = structured.entry_check(fmodel, x, modules, fallback)
-        if error <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
+        error = structured.entry_check(fmodel, x, found)
+        if found is not None and error <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
+            modules, fallback = found.modules, found.fallback
             return _assemble(
                 x, x2_, symmetric, plan, fmodel.k, dtype,
                 lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype),

@@ -78,15 +78,6 @@ def _largest_block(fixed: int, per_sample: int, per_pair: int, budget: int) -> i
     return int((-per_sample + math.sqrt(per_sample**2 + 4 * per_pair * room)) / (2 * per_pair))
 
 
-def _structured_sizes(
-    fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype
-) -> tuple[int, int] | None:
-    try:
-        return structured.feature_bytes(fmodel, x[:1], dtype)
-    except structured.NotPerSampleError:
-        return None
-
-
 def plan_kernel(
     fmodel: FunctionalModel,
     x: Tensor,
@@ -96,6 +87,7 @@ def plan_kernel(
     dtype: torch.dtype,
     memory_budget: int,
     symmetric: bool = False,
+    probe: structured.Probe | None = None,
 ) -> KernelPlan:
     """Choose the implementation and block sizes so working memory stays within ``memory_budget``.
 
@@ -105,7 +97,8 @@ def plan_kernel(
     "ntvp", whose blocks hold only one set of Jacobian rows. Features of every block are kept when
     they fit beside blocks of at least 64 samples; otherwise two blocks are held at a time and
     column blocks are recomputed. ``symmetric`` (x2 is x) lets one set of features serve rows and
-    columns. Sizes are measured on one sample, so the plan fits any module.
+    columns. Sizes are measured on the first samples (``probe``: a :func:`structured.probe` already
+    made, reused), so the plan fits any module.
     """
     n, k, m = x.shape[0], fmodel.k, fmodel.m
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -117,7 +110,8 @@ def plan_kernel(
     if implementation == "structured" or (
         implementation == "auto" and structured.split_parameters(fmodel)[0]
     ):
-        sizes = _structured_sizes(fmodel, x, dtype)
+        found = probe if probe is not None else structured.probe(fmodel, x)
+        sizes = None if found is None else found.bytes(dtype, k)
         if sizes is None and implementation == "structured":
             raise PlstarInputError(
                 "a layer with a structured rule does not see the batch as its first dimension; "

@@ -345,39 +345,56 @@ def split_parameters(fmodel: FunctionalModel) -> tuple[dict[str, nn.Module], lis
     return modules, [name for name in fmodel.params if name not in covered]
 
 
-def feature_bytes(fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes of one sample's features, bytes of the per-sample-pair temporaries of the contraction)."""
+@dataclass(frozen=True)
+class Probe:
+    """The structured features of the first two samples (float64): they size the plan and serve
+    the entry check, so both cost one small forward and reverse pass."""
+
+    features: BlockFeatures
+    samples: int
+    modules: dict[str, nn.Module]
+    fallback: list[str]
+
+    def bytes(self, dtype: torch.dtype, k: int) -> tuple[int, int]:
+        """(bytes of one sample's features in ``dtype``, bytes of one sample pair's temporaries)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        tensors = [t for f in self.features.factors for t in f[1:] if t is not None]
+        tensors += [] if self.features.rows is None else [self.features.rows]
+        per_sample = sum(
+            t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in tensors
+        )
+        per_pair = max(
+            (
+                2 * k * k * f[1].shape[1] ** 2 * itemsize
+                for f in self.features.factors
+                if f[0] != "rows"
+            ),
+            default=0,
+        )
+        return per_sample // self.samples, per_pair
+
+
+def probe(fmodel: FunctionalModel, x: Tensor) -> Probe | None:
+    """Features of x[:2] in float64, or None when a rule-handled layer does not see the batch first."""
     modules, fallback = split_parameters(fmodel)
-    features = block_features(fmodel, x[:1], modules, fallback, dtype)
-    k, itemsize = fmodel.k, torch.empty((), dtype=dtype).element_size()
-    per_sample = sum(
-        t.numel() * t.element_size() for f in features.factors for t in f[1:] if t is not None
-    )
-    per_sample += (
-        0 if features.rows is None else features.rows.numel() * features.rows.element_size()
-    )
-    per_pair = 0
-    for kind, first, _ in features.factors:
-        if kind != "rows":
-            positions = first.shape[1]
-            per_pair = max(per_pair, 2 * k * k * positions * positions * itemsize)
-    return per_sample, per_pair
-
-
-def entry_check(
-    fmodel: FunctionalModel, x: Tensor, modules: dict[str, nn.Module], fallback: list[str]
-) -> float:
-    """Largest relative error of three structured kernel entries against ∇f_a(x_i)·∇f_b(x_j).
-
-    Hooks cannot see a parameter used outside its module's forward; this catches it, at the cost
-    of two gradients and a two-sample structured kernel.
-    """
-    n, k = x.shape[0], fmodel.k
-    pair = x[: min(2, n)]
+    pair = x[: min(2, x.shape[0])]
     try:
         features = block_features(fmodel, pair, modules, fallback, torch.float64)
     except NotPerSampleError:
+        return None
+    return Probe(features, pair.shape[0], modules, fallback)
+
+
+def entry_check(fmodel: FunctionalModel, x: Tensor, found: Probe | None) -> float:
+    """Largest relative error of three structured kernel entries against ∇f_a(x_i)·∇f_b(x_j).
+
+    Hooks cannot see a parameter used outside its module's forward; this catches it, at the cost
+    of two gradients and a two-sample structured kernel (``found``, from :func:`probe`). Infinite
+    when the probe failed.
+    """
+    if found is None:
         return math.inf
+    k, features, pair = fmodel.k, found.features, x[: found.samples]
     kernel = contract_blocks(features, features, k)
     picks = [(0, 0), (pair.shape[0] - 1, k - 1)]
     grads = []
@@ -385,12 +402,12 @@ def entry_check(
         params = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
         with torch.enable_grad():
             value = fmodel(params, pair[i : i + 1])[0, a]
-            found = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            parts = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         grads.append(
             torch.cat(
                 [
                     (torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                    for g, p in zip(found, params.values(), strict=True)
+                    for g, p in zip(parts, params.values(), strict=True)
                 ]
             )
         )
