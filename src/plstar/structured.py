@@ -290,6 +290,9 @@ def block_features(
 def _output_cotangents(out: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
     """∂(Σ_i f_a(x_i))/∂z for every recorded output z and every a: each (k, *z.shape)."""
     c, k = out.shape
+    if k == 1:  # one plain reverse pass; the batched engine's vmap only adds overhead here
+        grads = torch.autograd.grad(out, outputs, torch.ones_like(out), allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     seeds = torch.eye(k, dtype=out.dtype)[:, None, :].expand(k, c, k)
     try:
         return list(
