@@ -131,20 +131,46 @@ def _versions() -> dict[str, str]:
     }  # fmt: skip
 
 
+# Options shared by every command that builds a model and loads data.
+OptN = Annotated[int | None, typer.Option(help="Number of samples (default: all).")]
+OptWidth = Annotated[int, typer.Option(help="Hidden width of the default MLP.")]
+OptDepth = Annotated[int, typer.Option(help="Linear layers of the default MLP.")]
+OptActivation = Annotated[
+    str, typer.Option(help="tanh, relu, gelu, sigmoid, softplus, erf, identity.")
+]
+OptParameterization = Annotated[
+    Parameterization, typer.Option(help="Weight parameterization of the MLP.")
+]
+OptOutputs = Annotated[
+    int, typer.Option(help="Digits targets: 1 = ±1 parity, 10 = centred one-hot.")
+]
+OptDtype = Annotated[DType, typer.Option(help="Dtype the model runs in (spectra are float64).")]
+OptData = Annotated[
+    Path | None, typer.Option(help=".npz (x, y), .csv (target = last column) or .pt file.")
+]
+OptTarget = Annotated[str | None, typer.Option(help="CSV column to use as target.")]
+OptScaling = Annotated[
+    Scaling, typer.Option(help="Input scaling; auto = sphere for digits, none for files.")
+]
+OptModel = Annotated[
+    str | None, typer.Option("--model", help="FILE.py:factory returning an nn.Module.")
+]
+
+
 @app.command()
 def analyze(
-    n: Annotated[int | None, typer.Option(help="Number of samples (default: all).")] = None,
-    width: Annotated[int, typer.Option(help="Hidden width of the default MLP.")] = 512,
-    depth: Annotated[int, typer.Option(help="Linear layers of the default MLP.")] = 3,
-    activation: Annotated[str, typer.Option(help="tanh, relu, gelu, sigmoid, softplus, erf, identity.")] = "tanh",
-    parameterization: Annotated[Parameterization, typer.Option(help="Weight parameterization of the MLP.")] = Parameterization.ntk,
-    outputs: Annotated[int, typer.Option(help="Digits targets: 1 = ±1 parity, 10 = centred one-hot.")] = 1,
+    n: OptN = None,
+    width: OptWidth = 512,
+    depth: OptDepth = 3,
+    activation: OptActivation = "tanh",
+    parameterization: OptParameterization = Parameterization.ntk,
+    outputs: OptOutputs = 1,
     seed: Annotated[int, typer.Option(help="Seed for the data subset, weights and solvers.")] = 0,
-    dtype: Annotated[DType, typer.Option(help="Dtype the model runs in (spectra are float64).")] = DType.float64,
-    data: Annotated[Path | None, typer.Option(help=".npz (x, y), .csv (target = last column) or .pt file.")] = None,
-    target: Annotated[str | None, typer.Option(help="CSV column to use as target.")] = None,
-    scaling: Annotated[Scaling, typer.Option(help="Input scaling; auto = sphere for digits, none for files.")] = Scaling.auto,
-    model: Annotated[str | None, typer.Option("--model", help="FILE.py:factory returning an nn.Module.")] = None,
+    dtype: OptDtype = DType.float64,
+    data: OptData = None,
+    target: OptTarget = None,
+    scaling: OptScaling = Scaling.auto,
+    model: OptModel = None,
     implementation: Annotated[str, typer.Option(help="Kernel implementation: auto, structured, jacobian, ntvp.")] = "auto",
     hessian_outputs: Annotated[int, typer.Option(help="Outputs examined for ‖H_F‖ (0 = all).")] = 16,
     target_loss: Annotated[float | None, typer.Option(help="Target loss for the step count (default 1e-6·L₀).")] = None,
@@ -247,18 +273,18 @@ def _train_table(result: plstar.TrainResult, monitor: plstar.Monitor) -> Table:
 
 @app.command()
 def train(
-    n: Annotated[int | None, typer.Option(help="Number of samples (default: all).")] = None,
-    width: Annotated[int, typer.Option(help="Hidden width of the default MLP.")] = 512,
-    depth: Annotated[int, typer.Option(help="Linear layers of the default MLP.")] = 3,
-    activation: Annotated[str, typer.Option(help="tanh, relu, gelu, sigmoid, softplus, erf, identity.")] = "tanh",
-    parameterization: Annotated[Parameterization, typer.Option(help="Weight parameterization of the MLP.")] = Parameterization.ntk,
-    outputs: Annotated[int, typer.Option(help="Digits targets: 1 = ±1 parity, 10 = centred one-hot.")] = 1,
+    n: OptN = None,
+    width: OptWidth = 512,
+    depth: OptDepth = 3,
+    activation: OptActivation = "tanh",
+    parameterization: OptParameterization = Parameterization.ntk,
+    outputs: OptOutputs = 1,
     seed: Annotated[int, typer.Option(help="Seed for the data subset, weights, batches and solvers.")] = 0,
-    dtype: Annotated[DType, typer.Option(help="Dtype the model runs in (spectra are float64).")] = DType.float64,
-    data: Annotated[Path | None, typer.Option(help=".npz (x, y), .csv (target = last column) or .pt file.")] = None,
-    target: Annotated[str | None, typer.Option(help="CSV column to use as target.")] = None,
-    scaling: Annotated[Scaling, typer.Option(help="Input scaling; auto = sphere for digits, none for files.")] = Scaling.auto,
-    model: Annotated[str | None, typer.Option("--model", help="FILE.py:factory returning an nn.Module.")] = None,
+    dtype: OptDtype = DType.float64,
+    data: OptData = None,
+    target: OptTarget = None,
+    scaling: OptScaling = Scaling.auto,
+    model: OptModel = None,
     hessian_outputs: Annotated[int, typer.Option(help="Outputs examined for ‖H_F‖ (SGD's per-sample β).")] = 4,
     memory_budget: Annotated[str | None, typer.Option(help="Working memory, e.g. 2GiB (default: ¼ of RAM, ≤ 2 GiB).")] = None,
     method: Annotated[Method, typer.Option(help="gd (full batch) or sgd (mini-batches).")] = Method.gd,
