@@ -118,6 +118,7 @@ IMPLEMENTATIONS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "plstar-structured": lambda model, x: plstar.tangent_kernel(
         model, x, implementation="structured", dtype=x.dtype
     ),
+    "plstar-auto": lambda model, x: plstar.tangent_kernel(model, x, dtype=x.dtype),
     "plstar-jacobian": lambda model, x: plstar.tangent_kernel(
         model, x, implementation="jacobian", dtype=x.dtype
     ),

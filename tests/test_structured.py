@@ -209,3 +209,28 @@ def test_layer_that_does_not_see_batch_first_falls_back_to_jacobian() -> None:
     assert torch.allclose(
         plstar.tangent_kernel(model, x), dense_kernel(model, x), rtol=1e-12, atol=1e-12
     )
+
+
+def test_auto_takes_jacobian_when_grams_save_no_work() -> None:
+    # 8×8 images, 3×3 convolutions: every conv layer takes the per-sample-gradient form, so the
+    # structured contraction would do the Jacobian's flops with more overhead.
+    model, x = cnn(1, 8, 8, 2, 1, generator_seed=0, dtype=torch.float64), torch.randn(6, 1, 8, 8)
+    fmodel = make_functional(model, x)
+    plan = plstar.plan_kernel(
+        fmodel, x, 6, implementation="auto", dtype=torch.float64, memory_budget=2**30
+    )
+    assert plan.implementation == "jacobian"
+    wide = mlp(8, 256, 3, 1, generator_seed=0, dtype=torch.float64)
+    xm = torch.randn(6, 8)
+    plan = plstar.plan_kernel(
+        make_functional(wide, xm),
+        xm,
+        6,
+        implementation="auto",
+        dtype=torch.float64,
+        memory_budget=2**30,
+    )
+    assert plan.implementation == "structured"
+    assert torch.allclose(
+        plstar.tangent_kernel(model, x), dense_kernel(model, x), rtol=1e-12, atol=1e-12
+    )

@@ -92,8 +92,9 @@ def plan_kernel(
     """Choose the implementation and block sizes so working memory stays within ``memory_budget``.
 
     The budget covers working memory; the result itself (n·k · n2·k · itemsize) is counted apart.
-    "auto" takes "structured" whenever a layer rule covers some parameters (its flops never exceed
-    the Jacobian contraction's), else "jacobian" when a block of one sample per side fits, else
+    "auto" takes "structured" when a layer rule covers some parameters and its Grams at least halve
+    the contraction's flops (or the Jacobian rows do not fit), else "jacobian" when a block of one
+    sample per side fits, else
     "ntvp", whose blocks hold only one set of Jacobian rows. Features of every block are kept when
     they fit beside blocks of at least 64 samples; otherwise two blocks are held at a time and
     column blocks are recomputed. ``symmetric`` (x2 is x) lets one set of features serve rows and
@@ -106,7 +107,7 @@ def plan_kernel(
     activations = activation_bytes_per_sample(fmodel, x)
     jacobian_per_sample = k * m * (itemsize + model_itemsize) + k * activations
     result_bytes = n * k * n2 * k * itemsize
-    sizes = None
+    sizes, found = None, None
     if implementation == "structured" or (
         implementation == "auto" and structured.split_parameters(fmodel)[0]
     ):
@@ -118,7 +119,11 @@ def plan_kernel(
                 "use implementation='jacobian'"
             )
     if implementation == "auto":
-        if sizes is not None:
+        # Structured only where its Grams save work: when every layer takes the per-sample-gradient
+        # form (small convolutions) it does the Jacobian's flops with more overhead.
+        saves = found is not None and found.flops_per_pair(k) < 0.5 * k * k * m
+        fits = 2 * jacobian_per_sample <= memory_budget
+        if sizes is not None and (saves or not fits):
             implementation = "structured"
         elif 2 * jacobian_per_sample <= memory_budget:
             implementation = "jacobian"

@@ -376,6 +376,19 @@ class Probe:
         )
         return per_sample // self.samples, per_pair
 
+    def flops_per_pair(self, k: int) -> int:
+        """Multiply-adds per sample pair of the contraction (for comparison with k²·m)."""
+        total = 0
+        for kind, first, second in self.features.factors:
+            if kind == "rows":
+                total += k * k * first.shape[1]
+            else:
+                positions = first.shape[1]
+                width = 1 if kind == "tokens" else first.shape[2]
+                total += positions * positions * (width + k * k * second.shape[2])
+        rows = self.features.rows
+        return total + (0 if rows is None else k * k * rows.shape[1])
+
 
 def probe(fmodel: FunctionalModel, x: Tensor) -> Probe | None:
     """Features of x[:2] in float64, or None when a rule-handled layer does not see the batch first."""
