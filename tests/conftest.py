@@ -25,6 +25,17 @@ def float64_by_default(request: pytest.FixtureRequest):
         torch.set_default_dtype(previous)
 
 
+def run_cli(args: list[str]) -> int:
+    """Run the ``plstar`` command in-process; return its exit code."""
+    from plstar.cli import main
+
+    try:
+        main(args)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
 def dense_jacobian(model: nn.Module, x: Tensor) -> Tensor:
     """Oracle: DF (n·k, m) from one jacrev of the whole batch, sample-major rows."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

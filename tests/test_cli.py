@@ -10,21 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 
 import plstar
-from plstar.cli import main
 from plstar.data import load_digits
 from plstar.models import mlp
 
 SMALL = ["--n", "40", "--width", "32", "--depth", "2", "--hessian-outputs", "4"]
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
 
 
 def test_analyze_prints_table_and_json_agrees_with_the_python_api(tmp_path: Path, capsys) -> None:

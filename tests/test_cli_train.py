@@ -11,18 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from plstar.cli import main
+from conftest import run_cli as run
 
 SMALL = ["--n", "16", "--width", "32", "--depth", "2", "--every", "4", "--kernel-samples", "8"]
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
 
 
 def lines_of(path: Path) -> list[dict]:

@@ -13,13 +13,8 @@ from plstar import theory
 from plstar.errors import PlstarInputError
 from plstar.models import mlp
 from plstar.monitor import Monitor
-from plstar.train import (
-    TrainingInterrupted,
-    gd_radius_for_step,
-    gd_rate_for_step,
-    pl_eps_first_passage_bound,
-    train,
-)
+from plstar.theory import gd_radius_for_step, gd_rate_for_step, pl_eps_first_passage_bound
+from plstar.train import TrainingInterrupted, train
 
 DEFAULT_DTYPE = torch.float64
 

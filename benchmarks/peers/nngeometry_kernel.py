@@ -68,21 +68,8 @@ def build_model(wl: dict, dtype):
         def forward(self, h):
             return h * self.c
 
-    class Erf(nn.Module):
-        def forward(self, h):
-            return torch.erf(h)
+    from plstar.models import activation_module  # the same activations plstar's models use
 
-    acts = {
-        "tanh": nn.Tanh,
-        "relu": nn.ReLU,
-        "gelu": nn.GELU,
-        "sigmoid": nn.Sigmoid,
-        "softplus": nn.Softplus,
-        "erf": Erf,
-        "identity": nn.Identity,
-    }
-    if wl["activation"] not in acts:
-        raise ValueError(f"unsupported activation {wl['activation']!r}")
     L = wl["depth"]
     mods = []
     for li, (W, b) in enumerate(wl["weights"]):
@@ -93,7 +80,7 @@ def build_model(wl: dict, dtype):
             lin.bias.copy_(torch.from_numpy(b).to(dtype))
         mods += [Scale(in_f**-0.5), lin]
         if li < L - 1:
-            mods.append(acts[wl["activation"]]())
+            mods.append(activation_module(wl["activation"]))
     return nn.Sequential(*mods)
 
 

@@ -404,3 +404,42 @@ def random_system_log_condition_bound(n: int, m: int) -> float:
     if m < n:
         return math.inf
     return 2.0 * math.log(m / (m - n + 1)) + 5.0
+
+
+def gd_rate_for_step(step_size: float, beta: float, mu: float) -> float:
+    """Per-step loss contraction of GD with any step η under β-smoothness and μ-PL* (item 2).
+
+    Descent lemma: L_{t+1} ≤ L_t − η(1 − βη/2)‖∇L‖² ≤ (1 − 2μη + μβη²) L_t. Equals 1 − μ/β at
+    η = 1/β (:func:`gd_rate`); 1 (no guarantee) for η ≥ 2/β or μ ≤ 0. Clipped to [0, 1].
+    """
+    if mu <= 0 or step_size * beta >= 2:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 - 2 * mu * step_size + mu * beta * step_size**2))
+
+
+def gd_radius_for_step(step_size: float, beta: float, mu: float, loss0: float) -> float:
+    """Ball radius 2η√(2βL₀)/(1 − rate(η)) holding GD's path with step η ≤ 1/β (item 2).
+
+    Steps are ‖η∇L_t‖ ≤ η√(2βL_t) and L_t ≤ rate^t L₀, so the path is ≤ η√(2βL₀)/(1 − √rate)
+    ≤ 2η√(2βL₀)/(1 − rate). At η = 1/β it is the GD theorem's 2√(2βL₀)/μ. ∞ without a guarantee.
+    """
+    rate = gd_rate_for_step(step_size, beta, mu)
+    if rate >= 1.0 or step_size * beta > 1.0 + 1e-12:
+        return math.inf
+    return 2 * step_size * math.sqrt(2 * beta * loss0) / (1.0 - rate)
+
+
+def pl_eps_first_passage_bound(beta: float, mu: float, loss0: float, eps: float) -> float:
+    """Bound on the first t with L_t < ε (strict) for GD at η = 1/β under μ-PL*_ε (THEORY item 7).
+
+    docs/theory.md item 7: ⌈(β/μ) log(L₀/ε)⌉ (:func:`pl_eps_steps_bound`) bounds
+    the first L_t ≤ ε; for "<" it is ⌊(β/μ) log(L₀/ε)⌋ + 1, one more only when the product is an
+    integer. 0 if L₀ < ε; ∞ if μ ≤ 0 or β ≤ 0.
+    """
+    if loss0 < eps:
+        return 0.0
+    if mu <= 0 or beta <= 0:
+        return math.inf
+    ceiling = pl_eps_steps_bound(beta, mu, loss0, eps)
+    exact = beta / mu * (math.log(loss0) - math.log(eps))
+    return ceiling + 1.0 if ceiling == exact else ceiling

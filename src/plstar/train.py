@@ -90,45 +90,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.result = result
 
 
-def gd_rate_for_step(step_size: float, beta: float, mu: float) -> float:
-    """Per-step loss contraction of GD with any step η under β-smoothness and μ-PL* (item 2).
-
-    Descent lemma: L_{t+1} ≤ L_t − η(1 − βη/2)‖∇L‖² ≤ (1 − 2μη + μβη²) L_t. Equals 1 − μ/β at
-    η = 1/β (:func:`plstar.theory.gd_rate`); 1 (no guarantee) for η ≥ 2/β or μ ≤ 0. Clipped to [0, 1].
-    """
-    if mu <= 0 or step_size * beta >= 2:
-        return 1.0
-    return min(1.0, max(0.0, 1.0 - 2 * mu * step_size + mu * beta * step_size**2))
-
-
-def gd_radius_for_step(step_size: float, beta: float, mu: float, loss0: float) -> float:
-    """Ball radius 2η√(2βL₀)/(1 − rate(η)) holding GD's path with step η ≤ 1/β (item 2).
-
-    Steps are ‖η∇L_t‖ ≤ η√(2βL_t) and L_t ≤ rate^t L₀, so the path is ≤ η√(2βL₀)/(1 − √rate)
-    ≤ 2η√(2βL₀)/(1 − rate). At η = 1/β it is the GD theorem's 2√(2βL₀)/μ. ∞ without a guarantee.
-    """
-    rate = gd_rate_for_step(step_size, beta, mu)
-    if rate >= 1.0 or step_size * beta > 1.0 + 1e-12:
-        return math.inf
-    return 2 * step_size * math.sqrt(2 * beta * loss0) / (1.0 - rate)
-
-
-def pl_eps_first_passage_bound(beta: float, mu: float, loss0: float, eps: float) -> float:
-    """Bound on the first t with L_t < ε (strict) for GD at η = 1/β under μ-PL*_ε (THEORY item 7).
-
-    docs/theory.md item 7: ⌈(β/μ) log(L₀/ε)⌉ (:func:`plstar.theory.pl_eps_steps_bound`) bounds
-    the first L_t ≤ ε; for "<" it is ⌊(β/μ) log(L₀/ε)⌋ + 1, one more only when the product is an
-    integer. 0 if L₀ < ε; ∞ if μ ≤ 0 or β ≤ 0.
-    """
-    if loss0 < eps:
-        return 0.0
-    if mu <= 0 or beta <= 0:
-        return math.inf
-    ceiling = theory.pl_eps_steps_bound(beta, mu, loss0, eps)
-    exact = beta / mu * (math.log(loss0) - math.log(eps))
-    return ceiling + 1.0 if ceiling == exact else ceiling
-
-
 def check_arguments(
     method: str, steps: int, lr: str | float, batch_size: int | None, n: int, eps: float | None,
     recheck_every: int | None,
@@ -252,7 +213,10 @@ def train(
     saturation: float | None = None
     if method == "gd":
         eta = theory.gd_step_size(beta) if theory_lr else float(lr)
-        rate, radius = gd_rate_for_step(eta, beta, mu), gd_radius_for_step(eta, beta, mu, loss0)
+        rate, radius = (
+            theory.gd_rate_for_step(eta, beta, mu),
+            theory.gd_radius_for_step(eta, beta, mu, loss0),
+        )
     else:
         beta_s = per_sample_smoothness(model, x, objective.y, hessian_outputs=hessian_outputs,
                                        seed=seed, memory_budget=memory_budget)  # fmt: skip
@@ -280,7 +244,7 @@ def train(
         per_sample_smoothness=beta_s, step_size=eta, final_step_size=eta, rate=rate, radius=radius,
         saturation_batch_size=saturation, eps=target,
         first_below_eps=0 if loss0 < target else None,
-        pl_eps_bound=pl_eps_first_passage_bound(beta, mu, loss0, target)
+        pl_eps_bound=theory.pl_eps_first_passage_bound(beta, mu, loss0, target)
         if method == "gd" and theory_lr else theory.steps_to_loss(loss0, target, rate),
         max_distance=0.0, max_envelope_ratio=1.0, seconds=0.0, losses=[loss0],
     )  # fmt: skip
