@@ -94,6 +94,6 @@ def test_analyze_matrix_free_path_agrees_with_dense(monkeypatch) -> None:
     dense = plstar.analyze(model, x, y)
     monkeypatch.setattr("plstar.conditions.DENSE_SPECTRUM_LIMIT", 1)
     free = plstar.analyze(model, x, y)
-    assert free.implementation == "operator"
+    assert free.implementation == "structured operator"
     assert free.kernel.lambda_max == pytest.approx(dense.kernel.lambda_max, rel=1e-9)
     assert free.kernel.lambda_min == pytest.approx(dense.kernel.lambda_min, rel=1e-6)

@@ -97,10 +97,12 @@ def test_jacobian_rows_match_central_finite_differences() -> None:
     assert relative_error(J, torch.stack(columns, dim=1)) < 1e-8
 
 
-def test_operator_products_match_dense_kernel(zoo_case) -> None:
+@pytest.mark.parametrize("implementation", ["auto", "ntvp"])
+def test_operator_products_match_dense_kernel(zoo_case, implementation: str) -> None:
     _, model, x = zoo_case
     K = dense_kernel(model, x)
-    op = plstar.kernel_operator(model, x)
+    op = plstar.kernel_operator(model, x, implementation=implementation)  # type: ignore[arg-type]
+    assert op.implementation == ("ntvp" if implementation == "ntvp" else "structured")
     assert op.shape == tuple(K.shape)
     v = torch.randn(K.shape[0], 3, generator=torch.Generator().manual_seed(0))
     assert relative_error(op @ v, K @ v) < 1e-12

@@ -8,6 +8,7 @@ from conftest import dense_kernel
 from torch import Tensor, nn
 
 import plstar
+from plstar import structured
 from plstar.functional import make_functional
 from plstar.models import cnn, mlp
 from plstar.structured import split_parameters
@@ -148,6 +149,46 @@ def test_structured_cross_kernel_with_tiny_blocks(name: str) -> None:
     K = plstar.tangent_kernel(model, x1, x2, implementation="structured", memory_budget=1)
     expected = dense_kernel(model, x1, x2)
     assert float((K - expected).abs().max() / expected.abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_structured_operator_products_match_dense_kernel(name: str) -> None:
+    model, x = MODELS[name]
+    model, x = model.double(), (x.double() if x.is_floating_point() else x)
+    expected = dense_kernel(model, x)
+    v = torch.randn(expected.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    # budgets: the features in one block, and so small that every sample is its own block
+    for budget in (2**30, 2 * x.shape[0] * 2**20):
+        op = plstar.kernel_operator(model, x, implementation="structured", memory_budget=budget)
+        assert op.implementation == "structured"
+        assert float((op @ v - expected @ v).abs().max() / (expected @ v).abs().max()) < 1e-12
+    assert len(op.features) >= 1
+
+
+def test_operator_auto_takes_products_when_features_do_not_fit() -> None:
+    model, x = MODELS["ntk-mlp"]
+    op = plstar.kernel_operator(model.double(), x.double(), memory_budget=1)
+    assert op.implementation == "ntvp"
+    with pytest.raises(plstar.PlstarInputError, match="memory budget"):
+        plstar.kernel_operator(model.double(), x.double(), implementation="structured",
+                               memory_budget=1)  # fmt: skip
+    with pytest.raises(plstar.PlstarInputError, match="outside its module"):
+        plstar.kernel_operator(WeightUsedOutsideForward().double(), torch.randn(4, 3),
+                               implementation="structured")  # fmt: skip
+
+
+def test_entry_check_is_remembered_per_module_and_signature() -> None:
+    model = mlp(3, 8, 2, 2, generator_seed=3, dtype=torch.float64)  # fresh: never checked
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fmodel = make_functional(model, x)
+    found = structured.probe(fmodel, x)
+    assert model not in structured._VERIFIED
+    assert structured.entry_check(fmodel, x, found) < 1e-12
+    assert structured._VERIFIED[model] == structured._signature(fmodel, x)
+    assert structured.entry_check(fmodel, x, found) == 0.0
+    model.float()  # another dtype: checked again
+    fmodel32 = make_functional(model, x.float())
+    assert structured._VERIFIED[model] != structured._signature(fmodel32, x.float())
 
 
 def test_rules_cover_standard_layers_and_leave_the_rest_to_jacobian_rows() -> None:

@@ -26,8 +26,8 @@ from plstar.curvature import (
 )
 from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, check_targets, make_functional
-from plstar.kernel import KernelOperator, tangent_kernel
-from plstar.planning import Implementation, default_memory_budget, plan_kernel
+from plstar.kernel import KernelOperator, planned_tangent_kernel
+from plstar.planning import Implementation
 from plstar.spectrum import Spectrum, lanczos, spectrum
 
 DENSE_SPECTRUM_LIMIT = 20_000
@@ -162,35 +162,26 @@ def analyze(
 
     loss0, _ = timed("loss", lambda: loss_gradient(model, x, y2, memory_budget=memory_budget))
     if n * k <= DENSE_SPECTRUM_LIMIT:
-        xf = x.to(fmodel.dtype) if x.is_floating_point() else x
-        used = plan_kernel(
-            fmodel,
-            xf,
-            n,
-            implementation=implementation,
-            dtype=dtype,
-            memory_budget=memory_budget or default_memory_budget(),
-            symmetric=True,
-        ).implementation
-        K = timed(
+        K, plan = timed(
             "tangent kernel",
-            lambda: tangent_kernel(
-                model,
-                x,
-                implementation=implementation,
-                dtype=dtype,
-                memory_budget=memory_budget,
-                progress=progress,
+            lambda: planned_tangent_kernel(
+                model, x, implementation=implementation, dtype=dtype,
+                memory_budget=memory_budget, progress=progress,
             ),
-        )
+        )  # fmt: skip
+        used = plan.implementation
         kernel = timed("kernel spectrum", lambda: spectrum(K, input_precision=eps_model))
         top = lanczos(
             lambda v: (K @ v.T).T, K.shape[0], max_iter=100, tol=1e-10, seed=seed, converge="max"
         )
         del K
     else:
-        used = "operator"
-        op = KernelOperator(model, x, dtype=dtype, memory_budget=memory_budget)
+        chosen = {"structured": "structured", "jacobian": "ntvp", "ntvp": "ntvp"}
+        op = KernelOperator(
+            model, x, implementation=chosen.get(implementation, "auto"),  # type: ignore[arg-type]
+            dtype=dtype, memory_budget=memory_budget,
+        )  # fmt: skip
+        used = f"{op.implementation} operator"
         kernel = timed(
             "kernel spectrum", lambda: spectrum(op, input_precision=eps_model, tol=1e-8, seed=seed)
         )
@@ -204,7 +195,9 @@ def analyze(
     )
     # Warm start: DFᵀu for the top eigenvector u of K is the top eigenvector of the Gauss–Newton
     # part DFᵀDF of H_L, which dominates H_L near a good fit.
-    gauss_newton = KernelOperator(model, x, dtype=dtype, memory_budget=memory_budget)
+    gauss_newton = KernelOperator(
+        model, x, implementation="ntvp", dtype=dtype, memory_budget=memory_budget
+    )
     v0 = gauss_newton.transpose_product(top.vector_max[0])
     beta = timed(
         "sharpness",

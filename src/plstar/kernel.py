@@ -20,7 +20,7 @@ the data per product), for kernels too large to hold.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -167,6 +167,39 @@ def tangent_kernel(
     Raises IllDefinedModelError when F is not a function of w alone (Dropout or BatchNorm in train
     mode) and DataError for empty, non-finite or mis-shaped inputs.
     """
+    return planned_tangent_kernel(
+        model, x, x2, implementation=implementation, dtype=dtype, memory_budget=memory_budget,
+        progress=progress,
+    )[0]  # fmt: skip
+
+
+def _passes_entry_check(
+    fmodel: FunctionalModel, x: Tensor, found: structured.Probe | None, implementation: str
+) -> bool:
+    """Whether the structured rules reproduce plain gradients here; raises if they were demanded."""
+    error = structured.entry_check(fmodel, x, found)
+    if found is not None and error <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
+        return True
+    if implementation == "structured":
+        raise PlstarInputError(
+            "the structured rules disagree with plain gradients on this model (relative error "
+            f"{error:.1e}): a parameter is used outside its module's forward or samples interact; "
+            "use implementation='jacobian'"
+        )
+    return False
+
+
+def planned_tangent_kernel(
+    model: nn.Module,
+    x: Tensor,
+    x2: Tensor | None = None,
+    *,
+    implementation: Implementation = "auto",
+    dtype: torch.dtype = torch.float64,
+    memory_budget: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[Tensor, KernelPlan]:
+    """:func:`tangent_kernel` and the plan that made it (the implementation "auto" chose)."""
     fmodel, x, x2_ = _prepare(model, x, x2)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     found = (
@@ -182,35 +215,49 @@ def tangent_kernel(
     symmetric = x2 is None
     if plan.implementation == "ntvp":
         with torch.no_grad():
-            return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress)
-    if plan.implementation == "structured":
-        error = structured.entry_check(fmodel, x, found)
-        if found is not None and error <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
-            modules, fallback = found.modules, found.fallback
-            return _assemble(
-                x, x2_, symmetric, plan, fmodel.k, dtype,
-                lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype),
-                lambda a, b: structured.contract_blocks(a, b, fmodel.k), progress,
-            )  # fmt: skip
-        if implementation == "structured":
-            raise PlstarInputError(
-                "the structured rules disagree with plain gradients on this model (relative error "
-                f"{error:.1e}): a parameter is used outside its module's forward; "
-                "use implementation='jacobian'"
-            )
+            return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress), plan
+    if plan.implementation == "structured" and _passes_entry_check(
+        fmodel, x, found, implementation
+    ):
+        assert found is not None
+        modules, fallback = found.modules, found.fallback
+        kernel = _assemble(
+            x, x2_, symmetric, plan, fmodel.k, dtype,
+            lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype),
+            lambda a, b: structured.contract_blocks(a, b, fmodel.k), progress,
+        )  # fmt: skip
+        return kernel, plan
+    if plan.implementation == "structured":  # auto, and the entry check failed
+        plan = plan_kernel(
+            fmodel, x, x2_.shape[0], implementation="jacobian", dtype=dtype,
+            memory_budget=budget, symmetric=symmetric,
+        )  # fmt: skip
     with torch.no_grad():
-        return _assemble(
+        kernel = _assemble(
             x, x2_, symmetric, plan, fmodel.k, dtype,
             lambda xs: jacobian_rows(fmodel, xs, dtype), _contract_rows, progress,
         )  # fmt: skip
+    return kernel, plan
+
+
+OperatorImplementation = Literal["auto", "structured", "ntvp"]
 
 
 class KernelOperator:
     """Matrix-free tangent kernel: ``op @ V`` = K V without forming K.
 
-    Shapes: V (n·k,) or (n·k, b) -> same shape, in ``dtype``. Each product costs one reverse pass
-    (Jᵀ V) and one forward-mode pass (J · JᵀV) over the data, in sample blocks of ``block`` samples;
-    memory ≈ b·m plus one block's activations. ``to_scipy()`` wraps it as a scipy LinearOperator.
+    Shapes: V (n·k,) or (n·k, b) -> same shape, in ``dtype``. Two implementations:
+
+    * ``"structured"`` — the per-layer features of all n samples (:mod:`plstar.structured`) are
+      computed once and kept; a product is then two contractions per layer through its parameter
+      space (DFᵀV, then DF·(DFᵀV)), with no forward or reverse pass: ≈ 4·n·k·b·Σ_layers T·p·q
+      flops. Memory: the features, n·Σ_layers T·(p + k·q) numbers in ``dtype``.
+    * ``"ntvp"`` — each product is one reverse pass (Jᵀ V) and one forward-mode pass (J · JᵀV) over
+      the data, in sample blocks; memory ≈ b·m plus one block's activations.
+
+    ``"auto"`` (default) takes "structured" when a layer rule applies, the features fit in half the
+    memory budget and the entry check against plain gradients passes, else "ntvp".
+    ``to_scipy()`` wraps the operator as a scipy LinearOperator.
     """
 
     def __init__(
@@ -218,9 +265,14 @@ class KernelOperator:
         model: nn.Module,
         x: Tensor,
         *,
+        implementation: OperatorImplementation = "auto",
         dtype: torch.dtype = torch.float64,
         memory_budget: int | None = None,
     ) -> None:
+        if implementation not in ("auto", "structured", "ntvp"):
+            raise PlstarInputError(
+                f"unknown operator implementation {implementation!r}: auto, structured or ntvp"
+            )
         self.fmodel, self.x, _ = _prepare(model, x, None)
         n, k = self.x.shape[0], self.fmodel.k
         self.shape = (n * k, n * k)
@@ -229,6 +281,50 @@ class KernelOperator:
         per_sample = 4 * activation_bytes_per_sample(self.fmodel, self.x)
         self.block = int(max(1, min(n, budget // per_sample)))
         self.products = 0
+        self.features = self._structured_features(implementation, budget)
+        self.implementation = "ntvp" if self.features is None else "structured"
+
+    def _structured_features(
+        self, implementation: str, budget: int
+    ) -> list[tuple[slice, structured.BlockFeatures]] | None:
+        if implementation == "ntvp":
+            return None
+        fm, x, n = self.fmodel, self.x, self.x.shape[0]
+        if implementation == "auto" and not structured.split_parameters(fm)[0]:
+            return None
+        found = structured.probe(fm, x)
+        needed = 0 if found is None else n * found.bytes(self.dtype, fm.k)[0]
+        if needed > budget // 2:
+            if implementation == "structured":
+                raise PlstarInputError(
+                    f"the structured features of {n} samples need {needed / 2**30:.2f} GiB, more "
+                    f"than half the memory budget ({budget / 2**30:.2f} GiB); raise the budget or "
+                    "use implementation='ntvp'"
+                )
+            return None
+        if not _passes_entry_check(fm, x, found, implementation):
+            return None
+        assert found is not None
+        block = max(
+            1, min(n, (budget // 2 - needed) // max(1, 4 * found.bytes(self.dtype, fm.k)[0]))
+        )
+        return [
+            (
+                rows,
+                structured.block_features(fm, x[rows], found.modules, found.fallback, self.dtype),
+            )
+            for rows in chunks(n, block)
+        ]
+
+    def _structured_product(self, columns: Tensor) -> Tensor:
+        """K·V for V (n·k, b) from the kept features."""
+        assert self.features is not None
+        k, pulled = self.fmodel.k, None
+        for rows, features in self.features:
+            part = structured.pull_features(features, columns[rows.start * k : rows.stop * k], k)
+            pulled = structured.add_pulled_features(pulled, part, features)
+        assert pulled is not None
+        return torch.cat([structured.push_features(f, pulled, k) for _, f in self.features])
 
     def _transpose_product(self, v: Tensor) -> Params:
         """Jᵀ V for V (b, n, k): parameter-shaped tensors with a leading b."""
@@ -259,6 +355,10 @@ class KernelOperator:
         single = v.ndim == 1
         columns = v.reshape(self.shape[0], -1).T  # (b, n·k)
         n, k = self.x.shape[0], self.fmodel.k
+        self.products += columns.shape[0]
+        if self.features is not None:
+            product = self._structured_product(columns.T.to(self.dtype))
+            return product.reshape(-1) if single else product
         with torch.no_grad():
             pulled = self._transpose_product(columns.reshape(-1, n, k))
             result = torch.cat(
@@ -268,7 +368,6 @@ class KernelOperator:
                 ],
                 dim=1,
             )
-        self.products += columns.shape[0]
         return result.T.reshape(-1) if single else result.T
 
     def to_scipy(self) -> LinearOperator:
@@ -289,11 +388,15 @@ def kernel_operator(
     model: nn.Module,
     x: Tensor,
     *,
+    implementation: OperatorImplementation = "auto",
     dtype: torch.dtype = torch.float64,
     memory_budget: int | None = None,
 ) -> KernelOperator:
     """Matrix-free tangent kernel of ``model`` on x: ``op @ v``, ``op.shape``, ``op.to_scipy()``.
 
-    Shapes: op.shape == (n·k, n·k). Cost per product: one reverse and one forward-mode pass over x.
+    Shapes: op.shape == (n·k, n·k). Cost per product: see :class:`KernelOperator` ("structured":
+    two contractions per layer with kept features; "ntvp": a reverse and a forward-mode pass).
     """
-    return KernelOperator(model, x, dtype=dtype, memory_budget=memory_budget)
+    return KernelOperator(
+        model, x, implementation=implementation, dtype=dtype, memory_budget=memory_budget
+    )
