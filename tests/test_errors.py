@@ -74,3 +74,16 @@ def test_model_that_cannot_run_on_x_is_refused_with_its_shape() -> None:
 def test_every_refusal_is_a_value_error() -> None:
     for error in (plstar.PlstarInputError, plstar.DataError, plstar.IllDefinedModelError):
         assert issubclass(error, ValueError)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted_and_a_single_nan_is_counted() -> None:
+    from plstar.functional import check_finite
+
+    huge = torch.full((4,), 3e38, dtype=torch.float32)  # each finite, the float32 sum is not
+    check_finite("x", huge)
+    huge[2] = math.nan
+    with pytest.raises(plstar.DataError, match="1 non-finite"):
+        check_finite("x", huge)
+    mixed = torch.tensor([math.inf, -math.inf, 1.0])  # the sum is NaN, two entries are bad
+    with pytest.raises(plstar.DataError, match="2 non-finite"):
+        check_finite("x", mixed)

@@ -97,6 +97,8 @@ class NTKLinear(_NTKLayer):
         self.out_features = out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 2 and self.bias is not None:  # one fused GEMM: bias + scale·x Wᵀ
+            return torch.addmm(self.bias, x, self.weight.T, alpha=self.scale)
         out = linear(x, self.weight) * self.scale
         return out if self.bias is None else out + self.bias
 
