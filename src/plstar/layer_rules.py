@@ -52,6 +52,23 @@ def _channels_last(t: Tensor) -> Tensor:
     return t.flatten(2).transpose(1, 2)
 
 
+def _join(parts: list[Tensor]) -> Tensor:
+    """Concatenation along positions; a single call's tensor is used as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _weight_inputs(inputs: Tensor, scale: float, bias: bool) -> Tensor:
+    """scale·inputs, with a constant 1 appended when the bias rides along, written in one pass."""
+    if scale == 1.0 and not bias:
+        return inputs
+    p = inputs.shape[-1]
+    out = inputs.new_empty((*inputs.shape[:-1], p + int(bias)))
+    torch.mul(inputs, scale, out=out[..., :p])
+    if bias:  # the bias is the weight of a constant input 1: one Gram covers both
+        out[..., p] = 1.0
+    return out
+
+
 def layer_factors(module: nn.Module, uses: list[tuple[Tensor, Tensor]], k: int) -> list[Factor]:
     """The kernel factors of one module over all its calls in a forward pass.
 
@@ -70,23 +87,18 @@ def layer_factors(module: nn.Module, uses: list[tuple[Tensor, Tensor]], k: int) 
         return [("tokens", tokens, delta)]
     if isinstance(module, nn.Linear | NTKLinear):
         d_in, d_out = module.in_features, module.out_features
-        inputs = torch.cat([_positions(a, c, d_in) for a, _ in uses], dim=1)
-        delta = torch.cat([cot.reshape(c * k, -1, d_out) for _, cot in uses], dim=1)
+        inputs = _join([_positions(a, c, d_in) for a, _ in uses])
+        delta = _join([cot.reshape(c * k, -1, d_out) for _, cot in uses])
         scale = module.scale if isinstance(module, NTKLinear) else 1.0
     elif isinstance(module, nn.Conv1d | nn.Conv2d | NTKConv2d):
-        inputs = torch.cat([_patches(module, a) for a, _ in uses], dim=1)
-        delta = torch.cat(
-            [_channels_last(cot.reshape(c * k, *cot.shape[2:])) for _, cot in uses], dim=1
-        )
+        inputs = _join([_patches(module, a) for a, _ in uses])
+        delta = _join([_channels_last(cot.reshape(c * k, *cot.shape[2:])) for _, cot in uses])
         scale = module.scale if isinstance(module, NTKConv2d) else 1.0
     else:
         return _affine_factors(module, uses, k, trainable)
     has_bias = "bias" in trainable and module.bias is not None
     if "weight" in trainable:
-        inputs = inputs * scale
-        if has_bias:  # the bias is the weight of a constant input 1: one Gram covers both
-            inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)
-        factors.append(_weight_factor(inputs, delta))
+        factors.append(_weight_factor(_weight_inputs(inputs, scale, has_bias), delta))
     elif has_bias:
         factors.append(("rows", delta.sum(dim=1), None))
     return factors
