@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 
 from plstar.errors import PlstarInputError
 from plstar.functional import FunctionalModel, Params, check_targets, chunks, make_functional
@@ -76,19 +76,51 @@ def loss_value(fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor) ->
     return 0.5 * ((fmodel(params, x) - y) ** 2).sum()
 
 
+class LossGradient:
+    """L = ½‖F − y‖² and ∇L at the model's current parameters, prepared once for repeated calls.
+
+    Validates (model, x, y) and sizes the sample blocks at construction; each call is then one
+    forward and one reverse pass in blocks, through the module's own parameters, so it follows
+    in-place updates (a training loop). Memory ≈ 3 · block · activations per sample.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, memory_budget: int | None = None):
+        fmodel, self.x = _setup(model, x)
+        self.model, self.y = model, check_targets(fmodel, self.x, y)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.block = _sample_block(fmodel, self.x, memory_budget, 3)
+
+    def __call__(self, index: Tensor | None = None) -> tuple[float, list[Tensor]]:
+        """(L, ∇L as per-parameter tensors in the model dtype) over all samples or ``index``."""
+        x, y = (self.x, self.y) if index is None else (self.x[index], self.y[index])
+        total, grads = 0.0, [torch.zeros_like(p) for p in self.params]
+        with torch.enable_grad():
+            for rows in chunks(x.shape[0], self.block):
+                residual = self.model(x[rows]).reshape(y[rows].shape) - y[rows]
+                loss = 0.5 * (residual**2).sum()
+                torch._foreach_add_(grads, torch.autograd.grad(loss, self.params))
+                total += 0.5 * float((residual.detach().double() ** 2).sum())
+        return total, grads
+
+    def loss(self) -> float:
+        """L over all samples, forward passes only."""
+        with torch.no_grad():
+            parts = [self.model(self.x[r]).reshape(self.y[r].shape) - self.y[r]
+                     for r in chunks(self.x.shape[0], self.block)]  # fmt: skip
+            return 0.5 * sum(float((part.double() ** 2).sum()) for part in parts)
+
+
+def flat(grads: list[Tensor]) -> Tensor:
+    """Per-parameter tensors -> one (m,) float64 vector, in plstar's flattening order."""
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
 def loss_gradient(
     model: nn.Module, x: Tensor, y: Tensor, *, memory_budget: int | None = None
 ) -> tuple[float, Tensor]:
     """(L(w), ∇L(w)) with ∇L = DFᵀ r flattened to (m,) float64; one reverse pass in sample blocks."""
-    fmodel, x = _setup(model, x)
-    y = check_targets(fmodel, x, y)
-    block = _sample_block(fmodel, x, memory_budget, 3)
-    loss, total = 0.0, torch.zeros(fmodel.m, dtype=torch.float64)
-    for rows in chunks(x.shape[0], block):
-        residual, pullback = vjp(lambda p, rows=rows: fmodel(p, x[rows]) - y[rows], fmodel.params)
-        loss += 0.5 * float((residual.double() ** 2).sum())
-        total += fmodel.flatten(pullback(residual.detach())[0]).double()
-    return loss, total
+    loss, grads = LossGradient(model, x, y, memory_budget=memory_budget)()
+    return loss, flat(grads)
 
 
 def loss_hvp(

@@ -23,13 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from plstar import theory
-from plstar.certify import flat_parameters, per_sample_smoothness, trainable_parameters
+from plstar.certify import flat_parameters, per_sample_smoothness
 from plstar.conditions import json_safe
-from plstar.curvature import loss_sharpness
+from plstar.curvature import LossGradient, flat, loss_sharpness
 from plstar.errors import PlstarInputError
-from plstar.functional import ProgressCallback, check_targets, chunks, make_functional
+from plstar.functional import ProgressCallback, make_functional
 from plstar.monitor import Monitor, Reference, reference_point
-from plstar.planning import activation_bytes_per_sample, default_memory_budget
 
 Method = Literal["gd", "sgd"]
 SGD_FAILURE_PROBABILITY = 0.05
@@ -121,41 +120,6 @@ def check_arguments(
     return b
 
 
-class _Objective:
-    """L = ½‖F − y‖² and its gradient by plain autograd on the module, in sample blocks."""
-
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, memory_budget: int | None) -> None:
-        fmodel = make_functional(model, x)
-        self.model, self.params = model, trainable_parameters(model)
-        self.x = x.to(fmodel.dtype) if x.is_floating_point() else x
-        self.y = check_targets(fmodel, x, y)
-        budget = memory_budget if memory_budget is not None else default_memory_budget()
-        self.block = max(1, budget // (3 * activation_bytes_per_sample(fmodel, self.x)))
-
-    def gradient(self, index: Tensor | None = None) -> tuple[float, list[Tensor]]:
-        """(L, ∇L as per-parameter tensors) over all samples, or the samples in ``index``."""
-        x, y = (self.x, self.y) if index is None else (self.x[index], self.y[index])
-        total, grads = 0.0, [torch.zeros_like(p) for p in self.params]
-        for rows in chunks(x.shape[0], self.block):
-            out = self.model(x[rows]).reshape(y[rows].shape)
-            loss = 0.5 * ((out - y[rows]) ** 2).sum()
-            for g, part in zip(grads, torch.autograd.grad(loss, self.params), strict=True):
-                g += part
-            total += float(loss.detach())
-        return total, grads
-
-    def loss(self) -> float:
-        """L over all samples, forward passes only."""
-        with torch.no_grad():
-            parts = [self.model(self.x[r]).reshape(self.y[r].shape) - self.y[r]
-                     for r in chunks(self.x.shape[0], self.block)]  # fmt: skip
-            return 0.5 * sum(float((part**2).sum()) for part in parts)
-
-
-def _flat(grads: list[Tensor]) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in grads]).double()
-
-
 def _unflat(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
     sizes = [p.numel() for p in like]
     return [v.reshape(p.shape).to(p.dtype) for v, p in zip(vector.split(sizes), like, strict=True)]
@@ -196,7 +160,7 @@ def train(
     fmodel = make_functional(model, x)
     n, m = x.shape[0], fmodel.m
     b = check_arguments(method, steps, lr, batch_size, n, eps, recheck_every)
-    objective = _Objective(model, x, y, memory_budget)
+    objective = LossGradient(model, x, y, memory_budget=memory_budget)
     if monitor is not None:
         monitor.check_start(model, n)
         ref: Reference = monitor.reference
@@ -266,7 +230,7 @@ def train(
 
 
 def _loop(
-    result: TrainResult, objective: _Objective, ref: Reference, monitor: Monitor | None,
+    result: TrainResult, objective: LossGradient, ref: Reference, monitor: Monitor | None,
     theory_lr: bool, recheck_every: int | None, seed: int, memory_budget: int | None,
     progress: ProgressCallback | None,
 ) -> None:  # fmt: skip
@@ -291,15 +255,15 @@ def _loop(
         if gd:
             direction = grads
         else:
-            _, direction = objective.gradient(torch.randperm(n, generator=generator)[:b])
+            _, direction = objective(torch.randperm(n, generator=generator)[:b])
             torch._foreach_mul_(direction, n / b)  # g = (n/b) Σ_batch ∇ℓ_i, unbiased for ∇L
         with torch.no_grad():  # one fused call: Ctrl-C cannot land between two parameters
             torch._foreach_add_(params, direction, alpha=-eta)
         record = None
         if gd:
-            loss, grads = objective.gradient()
+            loss, grads = objective()
             if monitor is not None:
-                record = monitor.step(loss=loss, gradient=_flat(grads), step_size=eta)
+                record = monitor.step(loss=loss, gradient=flat(grads), step_size=eta)
         elif monitor is not None:
             record = monitor.step(step_size=eta)
             loss = record.loss
