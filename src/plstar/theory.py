@@ -10,15 +10,24 @@ THEORY.md, are in docs/theory.md.
 Conventions (THEORY.md): summed loss L(w) = ½‖F(w) − y‖² (no 1/n); F: ℝ^m → ℝ^{nk}, sample-major;
 K = DF DFᵀ (nk × nk); μ-PL*: ½‖∇L‖² ≥ μ L; β bounds λ_max(H_L). "n_outputs" is always n·k.
 Every function refuses NaN, ±inf, negative sizes and the like with ``PlstarInputError``.
+Item 6 (SGD) lives in :mod:`plstar.theory_sgd` and is re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Literal
 
 from plstar.errors import PlstarInputError
+from plstar.theory_sgd import (
+    sgd_radius,
+    sgd_rate,
+    sgd_saturation_batch_size,
+    sgd_step_size,
+)
+from plstar.validation import clip01 as _clip01
+from plstar.validation import real_number as _real
+from plstar.validation import whole_number as _int
 
 __all__ = [
     "gd_radius",
@@ -41,30 +50,6 @@ __all__ = [
     "steps_to_loss",
     "uniform_conditioning_radius",
 ]
-
-
-def _real(name: str, x: object, *, minimum: float | None = None, strict: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise PlstarInputError(f"{name} must be a real number, got {type(x).__name__}")
-    v = float(x)
-    if not math.isfinite(v):
-        raise PlstarInputError(f"{name} must be finite, got {v}")
-    if minimum is not None and (v <= minimum if strict else v < minimum):
-        op = ">" if strict else ">="
-        raise PlstarInputError(f"{name} must be {op} {minimum}, got {v}")
-    return v
-
-
-def _int(name: str, x: object, *, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise PlstarInputError(f"{name} must be an integer, got {type(x).__name__}")
-    if int(x) < minimum:
-        raise PlstarInputError(f"{name} must be >= {minimum}, got {int(x)}")
-    return int(x)
-
-
-def _clip01(x: float) -> float:
-    return min(1.0, max(0.0, x))
 
 
 # ----------------------------------------------------------------------------- item 1
@@ -245,110 +230,6 @@ def output_layer_kernel_bound(rho: float, lambda_min_inner: float) -> float:
     """
     rho = _real("rho", rho, minimum=0.0)
     return rho**2 * max(0.0, _real("lambda_min_inner", lambda_min_inner))
-
-
-# ----------------------------------------------------------------------------- item 6
-def sgd_step_size(
-    *,
-    per_sample_smoothness: float,
-    loss_smoothness: float,
-    pl_constant: float,
-    n_samples: int,
-    batch_size: int,
-) -> float:
-    """Mini-batch SGD step η*(b) = b μ / (λ (nβ + μ(b − 1))) (THEORY item 6; BBM Thm. 1; LZB Thm. 7).
-
-    Summed convention: update w ← w − η g with g = (n/b) Σ_{i∈batch} ∇ℓ_i, an unbiased estimate
-    of ∇L; batch drawn uniformly with or without replacement (without only lowers the variance).
-    β = per_sample_smoothness (each ℓ_i = ½‖f(w;x_i) − y_i‖² is β-smooth), λ = loss_smoothness
-    (of L = Σℓ_i; λ <= nβ may be used when unknown), μ = pl_constant of L. b → ∞ gives 1/λ.
-    μ <= 0 returns 0.0 (no step is certified).
-    """
-    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0, strict=True)
-    lam = _real("loss_smoothness", loss_smoothness, minimum=0.0, strict=True)
-    mu = _real("pl_constant", pl_constant)
-    n = _int("n_samples", n_samples, minimum=1)
-    b = _int("batch_size", batch_size, minimum=1)
-    if mu <= 0.0:
-        return 0.0
-    return b * mu / (lam * (n * beta + mu * (b - 1)))
-
-
-def sgd_rate(
-    *,
-    per_sample_smoothness: float,
-    loss_smoothness: float,
-    pl_constant: float,
-    n_samples: int,
-    batch_size: int,
-    step_size: float | None = None,
-) -> float:
-    """Bound ρ on E[L(w_{t+1})] <= ρ·L(w_t) for mini-batch SGD (THEORY item 6; BBM Thm. 1).
-
-    For step η (default η*(b), arguments as in :func:`sgd_step_size`):
-    ρ(η) = 1 − 2μη + λη²(nβ + μ(b − 1))/b, valid when λη(b − 1) <= 2b; at η*(b) it equals
-    1 − μη*(b) = 1 − bμ²/(λ(nβ + μ(b − 1))). Clipped to [0, 1]; 1 means no guarantee.
-    """
-    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0, strict=True)
-    lam = _real("loss_smoothness", loss_smoothness, minimum=0.0, strict=True)
-    mu = _real("pl_constant", pl_constant)
-    n = _int("n_samples", n_samples, minimum=1)
-    b = _int("batch_size", batch_size, minimum=1)
-    if mu <= 0.0:
-        return 1.0
-    if step_size is None:
-        eta = b * mu / (lam * (n * beta + mu * (b - 1)))
-        return _clip01(1.0 - mu * eta)
-    eta = _real("step_size", step_size, minimum=0.0)
-    if lam * eta * (b - 1) > 2 * b:
-        return 1.0
-    return _clip01(1.0 - 2.0 * mu * eta + lam * eta**2 * (n * beta + mu * (b - 1)) / b)
-
-
-def sgd_radius(
-    *,
-    per_sample_smoothness: float,
-    pl_constant: float,
-    loss0: float,
-    n_samples: int,
-    failure_probability: float,
-    form: Literal["sharp", "paper"] = "sharp",
-) -> float:
-    """Ball radius for SGD at η*(b), holding with probability 1 − δ (THEORY item 6; LZB Thm. 7).
-
-    ``"sharp"``: R = 2√(2nβL₀)/(μδ), from E‖g‖ <= Σ_i‖∇ℓ_i‖ <= √(2nβL) (Cauchy–Schwarz);
-    ``"paper"``: R = 2n√(2βL₀)/(μδ), valid but √n larger. Independent of b. δ = failure
-    probability in (0, 1]; ``math.inf`` when μ <= 0.
-    """
-    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0)
-    mu = _real("pl_constant", pl_constant)
-    loss0 = _real("loss0", loss0, minimum=0.0)
-    n = _int("n_samples", n_samples, minimum=1)
-    delta = _real("failure_probability", failure_probability, minimum=0.0, strict=True)
-    if delta > 1.0:
-        raise PlstarInputError(f"failure_probability must be in (0, 1], got {delta}")
-    if form not in ("sharp", "paper"):
-        raise PlstarInputError(f"form must be 'sharp' or 'paper', got {form!r}")
-    if mu <= 0.0:
-        return math.inf
-    scale = math.sqrt(n) if form == "sharp" else float(n)
-    return 2.0 * scale * math.sqrt(2.0 * beta * loss0) / (mu * delta)
-
-
-def sgd_saturation_batch_size(
-    *, per_sample_smoothness: float, pl_constant: float, n_samples: int
-) -> float:
-    """Batch size b* = 1 + nβ/μ where η*(b) stops scaling linearly (THEORY item 6; BBM §3).
-
-    η*(b) = bμ/(λ(nβ + μ(b − 1))) is ≈ b·η*(1) for b ≪ b* and ≈ 1/λ for b ≫ b*; at b* it is half
-    the linear extrapolation. Always μ <= nβ (so b* >= 2); typically μ <= β (always for linear
-    least squares), so b* > n: this PL* bound predicts linear scaling for every b <= n.
-    docs/theory.md compares Ma–Bassily–Belkin's 1 + nβ/λ for quadratics. inf when μ <= 0.
-    """
-    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0)
-    mu = _real("pl_constant", pl_constant)
-    n = _int("n_samples", n_samples, minimum=1)
-    return math.inf if mu <= 0.0 else 1.0 + n * beta / mu
 
 
 # ----------------------------------------------------------------------------- item 7
