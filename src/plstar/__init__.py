@@ -16,6 +16,7 @@ from plstar.curvature import (
 )
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
 from plstar.functional import FunctionalModel, jacobian_rows, make_functional
+from plstar.infinite_width import infinite_width_nngp, infinite_width_ntk
 from plstar.kernel import KernelOperator, kernel_operator, tangent_kernel
 from plstar.monitor import Monitor, Record
 from plstar.planning import KernelPlan, default_memory_budget, plan_kernel
@@ -46,6 +47,8 @@ __all__ = [
     "analyze",
     "certify",
     "default_memory_budget",
+    "infinite_width_nngp",
+    "infinite_width_ntk",
     "jacobian_rows",
     "kernel_operator",
     "lanczos",

@@ -222,7 +222,7 @@ def train(
         result.events.append(f"interrupted (Ctrl-C) after step {result.steps}")
     result.seconds = time.perf_counter() - started
     result.final_loss = result.losses[-1]
-    result.max_envelope_ratio = _envelope_ratio(result.losses, rate)
+    result.max_envelope_ratio = envelope_ratio(result.losses, rate)
     result.verdict = _verdict(result)
     if result.interrupted:
         raise TrainingInterrupted(result)
@@ -307,7 +307,7 @@ def _loop(
     result.events += [f"{kind}: {c} times in all" for kind, c in counts.items() if c > 5]
 
 
-def _envelope_ratio(losses: list[float], rate: float) -> float:
+def envelope_ratio(losses: list[float], rate: float) -> float:
     """max_t L_t / (rate^t L₀), in logs so that rate^t may underflow; ≤ 1 means within the envelope."""
     if rate <= 0 or not losses or losses[0] <= 0:
         return math.nan
