@@ -1,0 +1,72 @@
+"""Experiment 7 (PL*_ε), quick configuration: its checks, λ⁺ against the dense kernel oracle,
+ρ(w₀) against plstar.pl_ratio, the bounds against plstar.theory, and its figure."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import dense_kernel
+from matplotlib.image import imread
+
+from plstar import pl_ratio, theory
+from plstar.experiments import pl_eps as experiment
+from plstar.experiments.base import ExperimentResult
+from plstar.experiments.over_under_parameterized import gaussian_problem, tanh_net
+from plstar.experiments.runner import evaluate
+
+
+@pytest.fixture(scope="module")
+def result() -> ExperimentResult:
+    return evaluate(experiment.NUMBER, quick=True)
+
+
+def test_every_check_passes(result: ExperimentResult) -> None:
+    failing = [c for c in result.checks if not c.passed]
+    assert result.checks and not failing, "\n".join(
+        f"{c.name}: measured {c.measured}, expected {c.expected}" for c in failing
+    )
+
+
+def test_start_of_the_path_matches_oracles(result: ExperimentResult) -> None:
+    """λ⁺(w₀) is the (n·k − m + 1)-th smallest eigenvalue of the dense kernel, the first n·k − m
+    are zero within precision, and ρ(w₀) is plstar.pl_ratio's."""
+    size = experiment.QUICK
+    for case in result.data["cases"]:
+        x, y, model_seed = gaussian_problem(size["n"], size["d"], size["k"], case["seed"])
+        model = tanh_net(size["d"], case["width"], size["k"], model_seed)
+        eigenvalues = torch.linalg.eigvalsh(dense_kernel(model, x))
+        nullity = case["nk"] - case["m"]
+        assert nullity > 0
+        assert float(eigenvalues[:nullity].abs().max()) <= case["kernel_floor"]
+        floor = case["lambda_plus_floor"] + case["kernel_floor"]
+        assert case["lambda_plus_start"] == pytest.approx(float(eigenvalues[nullity]), abs=floor)
+        assert case["pl_ratios"][0] == pytest.approx(pl_ratio(model, x, y), rel=1e-10)
+        with torch.no_grad():
+            loss0 = 0.5 * float(((model(x) - y) ** 2).sum())
+        assert case["losses"][0] == pytest.approx(loss0)
+
+
+def test_level_bounds_are_the_theorys(result: ExperimentResult) -> None:
+    for case in result.data["cases"]:
+        losses, beta = case["losses"], 1.0 / case["final_step_size"]
+        lambda_plus = min(case["lambda_plus_start"], case["lambda_plus_end"])
+        assert case["levels"], "no level ε below L₀"
+        for row in case["levels"]:
+            assert row["eps"] == row["c"] * losses[-1] < losses[0]
+            assert row["mu_eps"] == pytest.approx(lambda_plus * (1 - losses[-1] / row["eps"]))
+            assert row["bound"] == theory.pl_eps_first_passage_bound(
+                beta, row["mu_eps"], losses[0], row["eps"]
+            )
+            assert losses[row["first_passage"]] < row["eps"] <= losses[row["first_passage"] - 1]
+
+
+def test_figures_are_nonblank_pngs(result: ExperimentResult) -> None:
+    figures = experiment.figures(result)
+    assert set(figures) == {"pl_eps"}
+    for name, figure in figures.items():
+        buffer = io.BytesIO()
+        figure.canvas.print_png(buffer)
+        assert buffer.getvalue().startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert imread(io.BytesIO(buffer.getvalue())).var() > 0, name
