@@ -156,3 +156,15 @@ def test_every_public_measurement_works_under_no_grad() -> None:
             K = plstar.tangent_kernel(model, x, implementation=implementation)
             assert relative_error(K, expected) < 1e-12
         assert plstar.analyze(model, x, y).kernel.lambda_max > 0
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_prelu_block_of_k_samples_matches_oracle(k: int) -> None:
+    """torch 2.13's vmap of PReLU's backward is silently wrong when the block has k samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.PReLU(), nn.Linear(16, k)).double()
+    x = torch.randn(k, 4, dtype=torch.float64)
+    expected = dense_kernel(model, x)
+    for implementation in ("jacobian", "structured"):
+        K = plstar.tangent_kernel(model, x, implementation=implementation)
+        assert relative_error(K, expected) < 1e-12, implementation

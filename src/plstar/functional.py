@@ -89,12 +89,15 @@ def jacobian_rows(
     def single(params: Params, xi: Tensor) -> Tensor:
         return fmodel.single({**fixed, **params}, xi)
 
+    c = x.shape[0]
+    # torch 2.13: PReLU's batched backward raises for most block sizes but returns wrong rows,
+    # silently, when the block size equals k (the inner vmap's size); one extra sample avoids that.
+    padded = torch.cat([x, x[:1]]) if c == fmodel.k > 1 else x
     try:
-        rows = vmap(jacrev(single), in_dims=(None, 0))(free, x)
+        rows = {n: r[:c] for n, r in vmap(jacrev(single), in_dims=(None, 0))(free, padded).items()}
     except RuntimeError:
         per_sample = [jacrev(single)(free, xi) for xi in x]
         rows = {n: torch.stack([r[n] for r in per_sample]) for n in chosen}
-    c = x.shape[0]
     return {n: rows[n].reshape(c * fmodel.k, -1).to(dtype) for n in chosen}
 
 
