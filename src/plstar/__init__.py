@@ -4,7 +4,7 @@ Theory: Liu, Zhu & Belkin, *Loss landscapes and optimization in over-parameteriz
 systems and neural networks* (arXiv 2003.00307). Conventions: docs/conventions in README.md.
 """
 
-from plstar import theory
+from plstar import distributed, theory
 from plstar.certify import BallPoint, Certificate, certify
 from plstar.conditions import Analysis, analyze, pl_ratio
 from plstar.curvature import (
@@ -17,7 +17,8 @@ from plstar.curvature import (
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
 from plstar.functional import FunctionalModel, jacobian_rows, make_functional
 from plstar.infinite_width import infinite_width_nngp, infinite_width_ntk
-from plstar.kernel import KernelOperator, kernel_operator, tangent_kernel
+from plstar.kernel import tangent_kernel
+from plstar.matrix_free import KernelOperator, kernel_operator
 from plstar.monitor import Monitor, Record
 from plstar.planning import KernelPlan, default_memory_budget, plan_kernel
 from plstar.spectrum import LanczosResult, Spectrum, lanczos, spectrum
@@ -47,6 +48,7 @@ __all__ = [
     "analyze",
     "certify",
     "default_memory_budget",
+    "distributed",
     "infinite_width_nngp",
     "infinite_width_ntk",
     "jacobian_rows",

@@ -35,7 +35,8 @@ from plstar.functional import (
     jacobian_rows,
     make_functional,
 )
-from plstar.kernel import KernelOperator, tangent_kernel
+from plstar.kernel import tangent_kernel
+from plstar.matrix_free import KernelOperator
 from plstar.planning import activation_bytes_per_sample, default_memory_budget
 from plstar.spectrum import Spectrum, spectrum
 

@@ -26,7 +26,8 @@ from plstar.curvature import (
 )
 from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, check_targets, make_functional
-from plstar.kernel import KernelOperator, planned_tangent_kernel
+from plstar.kernel import planned_tangent_kernel
+from plstar.matrix_free import KernelOperator
 from plstar.planning import Implementation
 from plstar.spectrum import Spectrum, lanczos, spectrum
 
@@ -137,6 +138,7 @@ def analyze(
     seed: int = 0,
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
+    precomputed: tuple[Spectrum, Tensor, str] | None = None,
 ) -> Analysis:
     """Measure the PL* picture of ``model`` on (x, y) at its current parameters w₀.
 
@@ -144,7 +146,9 @@ def analyze(
     n·k ≤ 20,000, Lanczos on kernel products beyond); ρ(w₀); β = λ_max(H_L) by Lanczos; ‖H_F‖ over
     ``hessian_outputs`` randomly chosen outputs (None: all n·k); then μ = λ_min(K) (0 if singular),
     κ = β/μ, and the GD theorem's R, η, rate and steps to ``target_loss`` (default 1e-6·L₀).
-    Cost is dominated by the kernel (see :func:`plstar.tangent_kernel`).
+    Cost is dominated by the kernel (see :func:`plstar.tangent_kernel`). ``precomputed`` = (the
+    Spectrum of K(w₀), its unit top eigenvector (n·k,), the implementation's label) replaces the
+    kernel's computation when it was made elsewhere (:func:`plstar.distributed.analyze`).
     """
     fmodel = make_functional(model, x)
     y2 = check_targets(fmodel, x, y)
@@ -161,7 +165,9 @@ def analyze(
         return value
 
     loss0, _ = timed("loss", lambda: loss_gradient(model, x, y2, memory_budget=memory_budget))
-    if n * k <= DENSE_SPECTRUM_LIMIT:
+    if precomputed is not None:
+        kernel, top_vector, used = precomputed
+    elif n * k <= DENSE_SPECTRUM_LIMIT:
         K, plan = timed(
             "tangent kernel",
             lambda: planned_tangent_kernel(
@@ -174,6 +180,7 @@ def analyze(
         top = lanczos(
             lambda v: (K @ v.T).T, K.shape[0], max_iter=100, tol=1e-10, seed=seed, converge="max"
         )
+        top_vector = top.vector_max[0]
         del K
     else:
         chosen = {"structured": "structured", "jacobian": "ntvp", "ntvp": "ntvp"}
@@ -188,6 +195,7 @@ def analyze(
         top = lanczos(
             lambda v: (op @ v.T).T, op.shape[0], max_iter=60, tol=1e-8, seed=seed, converge="max"
         )
+        top_vector = top.vector_max[0]
     rho = (
         timed("pl ratio", lambda: pl_ratio(model, x, y2, memory_budget=memory_budget))
         if loss0 > 0
@@ -198,7 +206,7 @@ def analyze(
     gauss_newton = KernelOperator(
         model, x, implementation="ntvp", dtype=dtype, memory_budget=memory_budget
     )
-    v0 = gauss_newton.transpose_product(top.vector_max[0])
+    v0 = gauss_newton.transpose_product(top_vector)
     beta = timed(
         "sharpness",
         lambda: loss_sharpness(model, x, y2, v0=v0, seed=seed, memory_budget=memory_budget),

@@ -1,4 +1,4 @@
-"""The empirical tangent kernel K = DF DFᵀ, dense or as a matrix-free operator.
+"""The empirical tangent kernel K = DF DFᵀ as a dense matrix (the operator is in matrix_free.py).
 
 Layout (THEORY.md): sample-major, row ``i*k + a`` is output ``a`` of sample ``i``; K(x, x2) has shape
 (n·k, n2·k). Three implementations of the dense kernel, agreeing to float64 round-off:
@@ -13,20 +13,18 @@ Layout (THEORY.md): sample-major, row ``i*k + a`` is output ``a`` of sample ``i`
 * ``"ntvp"`` — Jacobian rows of a block of x2, pushed through forward-mode products over x:
   K[:, J] = DF(x) · J_Jᵀ. Cost ≈ n2·k forward-mode passes over n samples; memory ≈ c·k·m.
 
-:class:`KernelOperator` gives products K·V without forming K (one reverse and one forward pass over
-the data per product), for kernels too large to hold.
+:class:`plstar.matrix_free.KernelOperator` gives products K·V without forming K, for kernels too
+large to hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vmap
 
 from plstar import structured
 from plstar.errors import DataError, PlstarInputError
@@ -42,7 +40,6 @@ from plstar.functional import (
 from plstar.planning import (
     Implementation,
     KernelPlan,
-    activation_bytes_per_sample,
     default_memory_budget,
     plan_kernel,
 )
@@ -52,9 +49,10 @@ def _contract_rows(left: Params, right: Params) -> Tensor:
     return sum(left[name] @ right[name].T for name in left)  # type: ignore[return-value]
 
 
-def _prepare(
+def prepare_inputs(
     model: nn.Module, x: Tensor, x2: Tensor | None
 ) -> tuple[FunctionalModel, Tensor, Tensor]:
+    """(F, x, x2 or x) checked and cast to the model's dtype (integer inputs kept as they are)."""
     fmodel = make_functional(model, x)
     x = x.to(fmodel.dtype) if x.is_floating_point() else x
     if x2 is None:
@@ -115,7 +113,7 @@ def _assemble(
     return out
 
 
-def _forward_products(fmodel: FunctionalModel, x: Tensor, tangents: Params) -> Tensor:
+def forward_products(fmodel: FunctionalModel, x: Tensor, tangents: Params) -> Tensor:
     """DF(x) applied to a batch of parameter tangents: (b, …) -> (b, c·k)."""
 
     def push(tangent: Params) -> Tensor:
@@ -136,7 +134,7 @@ def _ntvp_kernel(fmodel, x, x2, plan, dtype, progress) -> Tensor:
             for name, t in jacobian_rows(fmodel, x2[cols], fmodel.dtype).items()
         }
         for rows in row_blocks:
-            block = _forward_products(fmodel, x[rows], tangents)  # (cols·k, rows·k)
+            block = forward_products(fmodel, x[rows], tangents)  # (cols·k, rows·k)
             out[rows.start * k : rows.stop * k, cols.start * k : cols.stop * k] = block.T.to(dtype)
             done += 1
             if progress is not None:
@@ -173,7 +171,7 @@ def tangent_kernel(
     )[0]  # fmt: skip
 
 
-def _passes_entry_check(
+def passes_entry_check(
     fmodel: FunctionalModel, x: Tensor, found: structured.Probe | None, implementation: str
 ) -> bool:
     """Whether the structured rules reproduce plain gradients here; raises if they were demanded."""
@@ -189,6 +187,43 @@ def _passes_entry_check(
     return False
 
 
+def choose_plan(
+    fmodel: FunctionalModel,
+    x: Tensor,
+    n2: int,
+    *,
+    implementation: Implementation,
+    dtype: torch.dtype,
+    memory_budget: int,
+    symmetric: bool,
+) -> tuple[KernelPlan, structured.Probe | None]:
+    """The plan :func:`tangent_kernel` follows, and the probe when it is "structured".
+
+    "structured" only once the entry check against plain gradients passed; "auto" then falls back
+    to a "jacobian" plan. Raises PlstarInputError when "structured" was demanded and the rules
+    disagree. Shared with plstar.distributed, which makes the same choice on each shard.
+    """
+    found = (
+        structured.probe(fmodel, x)
+        if implementation == "structured"
+        or (implementation == "auto" and structured.split_parameters(fmodel)[0])
+        else None
+    )
+    plan = plan_kernel(
+        fmodel, x, n2, implementation=implementation, dtype=dtype,
+        memory_budget=memory_budget, symmetric=symmetric, probe=found,
+    )  # fmt: skip
+    if plan.implementation != "structured":
+        return plan, None
+    if passes_entry_check(fmodel, x, found, implementation):
+        return plan, found
+    jacobian = plan_kernel(
+        fmodel, x, n2, implementation="jacobian", dtype=dtype, memory_budget=memory_budget,
+        symmetric=symmetric,
+    )  # fmt: skip
+    return jacobian, None
+
+
 def planned_tangent_kernel(
     model: nn.Module,
     x: Tensor,
@@ -200,26 +235,17 @@ def planned_tangent_kernel(
     progress: ProgressCallback | None = None,
 ) -> tuple[Tensor, KernelPlan]:
     """:func:`tangent_kernel` and the plan that made it (the implementation "auto" chose)."""
-    fmodel, x, x2_ = _prepare(model, x, x2)
+    fmodel, x, x2_ = prepare_inputs(model, x, x2)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
-    found = (
-        structured.probe(fmodel, x)
-        if implementation == "structured"
-        or (implementation == "auto" and structured.split_parameters(fmodel)[0])
-        else None
-    )
-    plan = plan_kernel(
-        fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype,
-        memory_budget=budget, symmetric=x2 is None, probe=found,
-    )  # fmt: skip
     symmetric = x2 is None
+    plan, found = choose_plan(
+        fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype,
+        memory_budget=budget, symmetric=symmetric,
+    )  # fmt: skip
     if plan.implementation == "ntvp":
         with torch.no_grad():
             return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress), plan
-    if plan.implementation == "structured" and _passes_entry_check(
-        fmodel, x, found, implementation
-    ):
-        assert found is not None
+    if found is not None:
         modules, fallback = found.modules, found.fallback
         kernel = _assemble(
             x, x2_, symmetric, plan, fmodel.k, dtype,
@@ -227,176 +253,9 @@ def planned_tangent_kernel(
             lambda a, b: structured.contract_blocks(a, b, fmodel.k), progress,
         )  # fmt: skip
         return kernel, plan
-    if plan.implementation == "structured":  # auto, and the entry check failed
-        plan = plan_kernel(
-            fmodel, x, x2_.shape[0], implementation="jacobian", dtype=dtype,
-            memory_budget=budget, symmetric=symmetric,
-        )  # fmt: skip
     with torch.no_grad():
         kernel = _assemble(
             x, x2_, symmetric, plan, fmodel.k, dtype,
             lambda xs: jacobian_rows(fmodel, xs, dtype), _contract_rows, progress,
         )  # fmt: skip
     return kernel, plan
-
-
-OperatorImplementation = Literal["auto", "structured", "ntvp"]
-
-
-class KernelOperator:
-    """Matrix-free tangent kernel: ``op @ V`` = K V without forming K.
-
-    Shapes: V (n·k,) or (n·k, b) -> same shape, in ``dtype``. Two implementations:
-
-    * ``"structured"`` — the per-layer features of all n samples (:mod:`plstar.structured`) are
-      computed once and kept; a product is then two contractions per layer through its parameter
-      space (DFᵀV, then DF·(DFᵀV)), with no forward or reverse pass: ≈ 4·n·k·b·Σ_layers T·p·q
-      flops. Memory: the features, n·Σ_layers T·(p + k·q) numbers in ``dtype``.
-    * ``"ntvp"`` — each product is one reverse pass (Jᵀ V) and one forward-mode pass (J · JᵀV) over
-      the data, in sample blocks; memory ≈ b·m plus one block's activations.
-
-    ``"auto"`` (default) takes "structured" when a layer rule applies, the features fit in half the
-    memory budget and the entry check against plain gradients passes, else "ntvp".
-    ``to_scipy()`` wraps the operator as a scipy LinearOperator.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        *,
-        implementation: OperatorImplementation = "auto",
-        dtype: torch.dtype = torch.float64,
-        memory_budget: int | None = None,
-    ) -> None:
-        if implementation not in ("auto", "structured", "ntvp"):
-            raise PlstarInputError(
-                f"unknown operator implementation {implementation!r}: auto, structured or ntvp"
-            )
-        self.fmodel, self.x, _ = _prepare(model, x, None)
-        n, k = self.x.shape[0], self.fmodel.k
-        self.shape = (n * k, n * k)
-        self.dtype = dtype
-        budget = memory_budget if memory_budget is not None else default_memory_budget()
-        per_sample = 4 * activation_bytes_per_sample(self.fmodel, self.x)
-        self.block = int(max(1, min(n, budget // per_sample)))
-        self.products = 0
-        self.features = self._structured_features(implementation, budget)
-        self.implementation = "ntvp" if self.features is None else "structured"
-
-    def _structured_features(
-        self, implementation: str, budget: int
-    ) -> list[tuple[slice, structured.BlockFeatures]] | None:
-        if implementation == "ntvp":
-            return None
-        fm, x, n = self.fmodel, self.x, self.x.shape[0]
-        if implementation == "auto" and not structured.split_parameters(fm)[0]:
-            return None
-        found = structured.probe(fm, x)
-        needed = 0 if found is None else n * found.bytes(self.dtype, fm.k)[0]
-        if needed > budget // 2:
-            if implementation == "structured":
-                raise PlstarInputError(
-                    f"the structured features of {n} samples need {needed / 2**30:.2f} GiB, more "
-                    f"than half the memory budget ({budget / 2**30:.2f} GiB); raise the budget or "
-                    "use implementation='ntvp'"
-                )
-            return None
-        if not _passes_entry_check(fm, x, found, implementation):
-            return None
-        assert found is not None
-        block = max(
-            1, min(n, (budget // 2 - needed) // max(1, 4 * found.bytes(self.dtype, fm.k)[0]))
-        )
-        return [
-            (
-                rows,
-                structured.block_features(fm, x[rows], found.modules, found.fallback, self.dtype),
-            )
-            for rows in chunks(n, block)
-        ]
-
-    def _structured_product(self, columns: Tensor) -> Tensor:
-        """K·V for V (n·k, b) from the kept features."""
-        assert self.features is not None
-        k, pulled = self.fmodel.k, None
-        for rows, features in self.features:
-            part = structured.pull_features(features, columns[rows.start * k : rows.stop * k], k)
-            pulled = structured.add_pulled_features(pulled, part, features)
-        assert pulled is not None
-        return torch.cat([structured.push_features(f, pulled, k) for _, f in self.features])
-
-    def _transpose_product(self, v: Tensor) -> Params:
-        """Jᵀ V for V (b, n, k): parameter-shaped tensors with a leading b."""
-        fm, total = self.fmodel, None
-        for rows in chunks(self.x.shape[0], self.block):
-            _, pullback = vjp(lambda p, rows=rows: fm(p, self.x[rows]), fm.params)
-            part = vmap(pullback)(v[:, rows].to(fm.dtype))[0]
-            total = part if total is None else {name: total[name] + part[name] for name in part}
-        assert total is not None
-        return total
-
-    def transpose_product(self, v: Tensor) -> Tensor:
-        """DFᵀ v for v (n·k,) or (n·k, b): a flat parameter vector (m,) or (m, b), float64.
-
-        With v the top eigenvector of K this is the top eigenvector of the Gauss–Newton matrix
-        DFᵀDF, the warm start for the loss sharpness.
-        """
-        v = torch.as_tensor(v)
-        columns = v.reshape(self.shape[0], -1).T
-        n, k = self.x.shape[0], self.fmodel.k
-        with torch.no_grad():
-            pulled = self._transpose_product(columns.reshape(-1, n, k))
-        flat = self.fmodel.flatten(pulled, batch=columns.shape[0]).to(torch.float64)
-        return flat[0] if v.ndim == 1 else flat.T
-
-    def __matmul__(self, v: Tensor) -> Tensor:
-        v = torch.as_tensor(v)
-        single = v.ndim == 1
-        columns = v.reshape(self.shape[0], -1).T  # (b, n·k)
-        n, k = self.x.shape[0], self.fmodel.k
-        self.products += columns.shape[0]
-        if self.features is not None:
-            product = self._structured_product(columns.T.to(self.dtype))
-            return product.reshape(-1) if single else product
-        with torch.no_grad():
-            pulled = self._transpose_product(columns.reshape(-1, n, k))
-            result = torch.cat(
-                [
-                    _forward_products(self.fmodel, self.x[rows], pulled).to(self.dtype)
-                    for rows in chunks(n, self.block)
-                ],
-                dim=1,
-            )
-        return result.T.reshape(-1) if single else result.T
-
-    def to_scipy(self) -> LinearOperator:
-        """This operator as a float64 scipy ``LinearOperator`` (for eigsh, cg, …)."""
-
-        def matmat(v: np.ndarray) -> np.ndarray:
-            return (self @ torch.from_numpy(np.asarray(v, dtype=np.float64))).double().numpy()
-
-        return LinearOperator(
-            self.shape,
-            matvec=lambda v: matmat(v.reshape(-1, 1)).reshape(-1),
-            matmat=matmat,
-            dtype=np.float64,
-        )
-
-
-def kernel_operator(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    implementation: OperatorImplementation = "auto",
-    dtype: torch.dtype = torch.float64,
-    memory_budget: int | None = None,
-) -> KernelOperator:
-    """Matrix-free tangent kernel of ``model`` on x: ``op @ v``, ``op.shape``, ``op.to_scipy()``.
-
-    Shapes: op.shape == (n·k, n·k). Cost per product: see :class:`KernelOperator` ("structured":
-    two contractions per layer with kept features; "ntvp": a reverse and a forward-mode pass).
-    """
-    return KernelOperator(
-        model, x, implementation=implementation, dtype=dtype, memory_budget=memory_budget
-    )

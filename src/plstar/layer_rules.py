@@ -210,7 +210,7 @@ def pull_factor(factor: Factor, v: Tensor, k: int) -> Tensor:
     if kind == "tokens":
         ids = first.repeat_interleave(k, dim=0).reshape(-1)  # (c·k·T,)
         weighted = (second[..., None] * v[:, None, None, :]).reshape(-1, q, b)
-        table = torch.zeros((int(ids.max()) + 1, q, b), dtype=second.dtype)
+        table = torch.zeros((int(ids.max()) + 1, q, b), dtype=second.dtype, device=second.device)
         return table.index_add_(0, ids, weighted)
     weighted = torch.einsum("iab,iatq->ibtq", v.view(c, k, b), second.view(c, k, T, q))
     return torch.einsum("ibtq,itp->bqp", weighted, first)

@@ -108,7 +108,11 @@ def block_features(
         )
     uses: dict[int, list[tuple[Tensor, Tensor]]] = {id(m): [] for m in modules.values()}
     for call, cot in zip(calls, cotangents, strict=True):
-        cot = torch.zeros((k, *call.output.shape), dtype=out.dtype) if cot is None else cot
+        cot = (
+            torch.zeros((k, *call.output.shape), dtype=out.dtype, device=out.device)
+            if cot is None
+            else cot
+        )
         uses[id(call.module)].append((call.inputs, cot.transpose(0, 1).detach()))
     factors: list[Factor] = []
     for module in modules.values():
@@ -129,7 +133,7 @@ def _output_cotangents(out: Tensor, outputs: list[Tensor]) -> list[Tensor | None
     if k == 1:  # one plain reverse pass; the batched engine's vmap only adds overhead here
         grads = torch.autograd.grad(out, outputs, torch.ones_like(out), allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in grads]
-    seeds = torch.eye(k, dtype=out.dtype)[:, None, :].expand(k, c, k)
+    seeds = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, c, k)
     try:
         return list(
             torch.autograd.grad(
@@ -291,7 +295,7 @@ def entry_check(fmodel: FunctionalModel, x: Tensor, found: Probe | None) -> floa
     kernel = contract_blocks(features, features, k)
     picks = [(0, 0), (pair.shape[0] - 1, k - 1)]
     params = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
-    seeds = torch.zeros((len(picks), pair.shape[0], k), dtype=fmodel.dtype)
+    seeds = torch.zeros((len(picks), pair.shape[0], k), dtype=fmodel.dtype, device=fmodel.device)
     for row, (i, a) in enumerate(picks):
         seeds[row, i, a] = 1.0
     with torch.enable_grad():
@@ -301,7 +305,11 @@ def entry_check(fmodel: FunctionalModel, x: Tensor, found: Probe | None) -> floa
         )
     grads = torch.cat(
         [
-            (torch.zeros((len(picks), p.numel()), dtype=p.dtype) if g is None else g.flatten(1))
+            (
+                torch.zeros((len(picks), p.numel()), dtype=p.dtype, device=p.device)
+                if g is None
+                else g.flatten(1)
+            )
             for g, p in zip(parts, params.values(), strict=True)
         ],
         dim=1,
