@@ -1,6 +1,6 @@
 """Matrix-free kernel products: the structured operator (kept features) against the ntvp operator.
 
-    python benchmarks/operator_benchmark.py [--n 2048] [--width 512] [--outputs 10] [--block 8]
+    python benchmarks/operator_benchmark.py [--n 1797] [--width 512] [--outputs 10] [--block 8]
 
 One process, same model, data and vectors for both; prints the set-up time, seconds per block of
 ``--block`` products, their ratio, the agreement of the products (float64) and the time of the
@@ -23,7 +23,7 @@ from plstar.models import mlp
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=1797)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--outputs", type=int, default=10)
     parser.add_argument("--block", type=int, default=8)

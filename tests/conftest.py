@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -120,3 +122,25 @@ def zoo_case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, Tensor]:
     torch.manual_seed(0)
     model, x = ZOO[request.param](torch.Generator().manual_seed(1))
     return request.param, model.double().eval(), x
+
+
+def assert_nonblank_pngs(figures: dict) -> None:
+    """Every figure renders to a PNG (signature) with some variation in its pixels (not blank)."""
+    import io
+
+    from matplotlib.image import imread
+
+    from plstar.plots import png_bytes
+
+    for name, figure in figures.items():
+        content = png_bytes(figure)
+        assert content.startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert imread(io.BytesIO(content)).var() > 0, name
+
+
+@functools.cache
+def quick_result(number: int) -> Any:
+    """The quick configuration of experiment ``number``, run once per test session."""
+    from plstar.experiments.runner import evaluate
+
+    return evaluate(number, quick=True)

@@ -3,28 +3,18 @@ oracles (Weyl's inequality; an independent recomputation of one draw), and its f
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from matplotlib.image import imread
+from conftest import quick_result
 
 from plstar.experiments import infinite_width
 from plstar.experiments.base import ExperimentResult
-from plstar.experiments.runner import evaluate
 from plstar.infinite_width import infinite_width_ntk
 
 
 @pytest.fixture(scope="module")
 def result() -> ExperimentResult:
-    return evaluate(infinite_width.NUMBER, quick=True)
-
-
-def test_every_check_passes(result: ExperimentResult) -> None:
-    failing = [c for c in result.checks if not c.passed]
-    assert result.checks and not failing, "\n".join(
-        f"{c.name}: measured {c.measured}, expected {c.expected}" for c in failing
-    )
+    return quick_result(infinite_width.NUMBER)
 
 
 def test_lambda_min_errors_obey_weyl_and_shrink_with_width(result: ExperimentResult) -> None:
@@ -56,11 +46,6 @@ def test_same_seed_gives_same_numbers() -> None:
     assert first == infinite_width.run_configuration(config, None)
 
 
-def test_figures_are_nonblank_pngs(result: ExperimentResult) -> None:
+def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = infinite_width.figures(result)
     assert set(figures) == {"convergence"}
-    for name, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.canvas.print_png(buffer)
-        assert buffer.getvalue().startswith(b"\x89PNG\r\n\x1a\n"), name
-        assert imread(io.BytesIO(buffer.getvalue())).var() > 0, name

@@ -4,30 +4,20 @@ figure."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from matplotlib.image import imread
+from conftest import quick_result
 
 from plstar import theory
 from plstar.curvature import loss_hvp
 from plstar.experiments import non_convexity as experiment
 from plstar.experiments.base import ExperimentResult
-from plstar.experiments.over_under_parameterized import gaussian_problem, tanh_net
-from plstar.experiments.runner import evaluate
+from plstar.experiments.common import gaussian_problem, tanh_net
 
 
 @pytest.fixture(scope="module")
 def result() -> ExperimentResult:
-    return evaluate(experiment.NUMBER, quick=True)
-
-
-def test_every_check_passes(result: ExperimentResult) -> None:
-    failing = [c for c in result.checks if not c.passed]
-    assert result.checks and not failing, "\n".join(
-        f"{c.name}: measured {c.measured}, expected {c.expected}" for c in failing
-    )
+    return quick_result(experiment.NUMBER)
 
 
 def closed_form(seed: int) -> tuple[torch.Tensor, torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -73,11 +63,6 @@ def test_rank_and_nullity_match_the_solution_manifold(result: ExperimentResult) 
             assert len(row["points"]) == experiment.QUICK["radii"] * experiment.QUICK["directions"]
 
 
-def test_figures_are_nonblank_pngs(result: ExperimentResult) -> None:
+def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = experiment.figures(result)
     assert set(figures) == {"non_convexity"}
-    for name, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.canvas.print_png(buffer)
-        assert buffer.getvalue().startswith(b"\x89PNG\r\n\x1a\n"), name
-        assert imread(io.BytesIO(buffer.getvalue())).var() > 0, name

@@ -3,32 +3,21 @@ plstar.theory and an independent Jacobian oracle, and its figures."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from conftest import dense_kernel
-from matplotlib.image import imread
+from conftest import dense_kernel, quick_result
 
 from plstar import theory
 from plstar.experiments import nonlinear_output
 from plstar.experiments.base import ExperimentResult
 from plstar.experiments.common import digits_problem
-from plstar.experiments.runner import evaluate
 from plstar.models import mlp
 
 
 @pytest.fixture(scope="module")
 def result() -> ExperimentResult:
-    return evaluate(nonlinear_output.NUMBER, quick=True)
-
-
-def test_every_check_passes(result: ExperimentResult) -> None:
-    failing = [c for c in result.checks if not c.passed]
-    assert result.checks and not failing, "\n".join(
-        f"{c.name}: measured {c.measured}, expected {c.expected}" for c in failing
-    )
+    return quick_result(nonlinear_output.NUMBER)
 
 
 def test_path_numbers_are_consistent_with_theory(result: ExperimentResult) -> None:
@@ -71,11 +60,6 @@ def test_same_seed_gives_same_numbers() -> None:
     assert first == nonlinear_output.run_configuration(config, None)
 
 
-def test_figures_are_nonblank_pngs(result: ExperimentResult) -> None:
+def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = nonlinear_output.figures(result)
     assert set(figures) == {"path", "width"}
-    for name, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.canvas.print_png(buffer)
-        assert buffer.getvalue().startswith(b"\x89PNG\r\n\x1a\n"), name
-        assert imread(io.BytesIO(buffer.getvalue())).var() > 0, name

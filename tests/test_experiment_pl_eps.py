@@ -3,30 +3,19 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from conftest import dense_kernel
-from matplotlib.image import imread
+from conftest import dense_kernel, quick_result
 
 from plstar import pl_ratio, theory
 from plstar.experiments import pl_eps as experiment
 from plstar.experiments.base import ExperimentResult
-from plstar.experiments.over_under_parameterized import gaussian_problem, tanh_net
-from plstar.experiments.runner import evaluate
+from plstar.experiments.common import gaussian_problem, tanh_net
 
 
 @pytest.fixture(scope="module")
 def result() -> ExperimentResult:
-    return evaluate(experiment.NUMBER, quick=True)
-
-
-def test_every_check_passes(result: ExperimentResult) -> None:
-    failing = [c for c in result.checks if not c.passed]
-    assert result.checks and not failing, "\n".join(
-        f"{c.name}: measured {c.measured}, expected {c.expected}" for c in failing
-    )
+    return quick_result(experiment.NUMBER)
 
 
 def test_start_of_the_path_matches_oracles(result: ExperimentResult) -> None:
@@ -62,11 +51,6 @@ def test_level_bounds_are_the_theorys(result: ExperimentResult) -> None:
             assert losses[row["first_passage"]] < row["eps"] <= losses[row["first_passage"] - 1]
 
 
-def test_figures_are_nonblank_pngs(result: ExperimentResult) -> None:
+def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = experiment.figures(result)
     assert set(figures) == {"pl_eps"}
-    for name, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.canvas.print_png(buffer)
-        assert buffer.getvalue().startswith(b"\x89PNG\r\n\x1a\n"), name
-        assert imread(io.BytesIO(buffer.getvalue())).var() > 0, name

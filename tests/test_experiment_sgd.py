@@ -3,15 +3,12 @@ saturation batch size against plstar.theory, and its figure."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
-from matplotlib.image import imread
+from conftest import quick_result
 
 from plstar import theory
 from plstar.experiments import sgd as experiment
 from plstar.experiments.base import ExperimentResult
-from plstar.experiments.runner import evaluate
 
 TINY = {"batch_size": 2, "seed": 4, "n": 4, "d": 16, "width": 4, "epochs": 2, "streams": 2,
         "target": 0.5}  # fmt: skip
@@ -19,14 +16,7 @@ TINY = {"batch_size": 2, "seed": 4, "n": 4, "d": 16, "width": 4, "epochs": 2, "s
 
 @pytest.fixture(scope="module")
 def result() -> ExperimentResult:
-    return evaluate(experiment.NUMBER, quick=True)
-
-
-def test_every_check_passes(result: ExperimentResult) -> None:
-    failing = [c for c in result.checks if not c.passed]
-    assert result.checks and not failing, "\n".join(
-        f"{c.name}: measured {c.measured}, expected {c.expected}" for c in failing
-    )
+    return quick_result(experiment.NUMBER)
 
 
 def test_step_sizes_and_rates_are_the_theorys(result: ExperimentResult) -> None:
@@ -64,11 +54,6 @@ def test_same_seed_gives_same_numbers() -> None:
     assert experiment.run_configuration(TINY, None) == experiment.run_configuration(TINY, None)
 
 
-def test_figures_are_nonblank_pngs(result: ExperimentResult) -> None:
+def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = experiment.figures(result)
     assert set(figures) == {"sgd"}
-    for name, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.canvas.print_png(buffer)
-        assert buffer.getvalue().startswith(b"\x89PNG\r\n\x1a\n"), name
-        assert imread(io.BytesIO(buffer.getvalue())).var() > 0, name

@@ -195,3 +195,16 @@ def test_train_refuses_a_monitor_that_did_not_start_at_the_current_parameters() 
     other, _, _ = linear_problem(4, 10, seed=7)
     with pytest.raises(PlstarInputError, match="another model"):
         train(other, x, y, monitor=Monitor(model, x, y))
+
+
+def test_envelope_ratio_on_known_curves() -> None:
+    from plstar.train import envelope_ratio
+
+    rate = 0.9
+    exact = [5.0 * rate**t for t in range(21)]
+    assert envelope_ratio(exact, rate) == pytest.approx(1.0)
+    assert envelope_ratio([5.0 * 0.5**t for t in range(21)], rate) == pytest.approx(0.5 / 0.9)
+    bumped = [*exact[:5], exact[5] * 1.5, *exact[6:]]
+    assert envelope_ratio(bumped, rate) == pytest.approx(1.5)
+    assert math.isnan(envelope_ratio(exact, 1.0))
+    assert envelope_ratio([1.0, math.nan], rate) == math.inf

@@ -6,12 +6,27 @@ plstar never switches the user's matplotlib backend (a notebook keeps its own).
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from plstar.report import write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def png_bytes(figure: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes, drawn on its own Agg canvas (no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(figure.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _series(records: Sequence[Any], key: str) -> tuple[list[int], list[float]]:
@@ -89,13 +104,4 @@ def plot_training(
     if title:
         figure.suptitle(title)
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=110)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a figure is for sharing
-    os.replace(tmp, target)
-    return target
+    return write_bytes(path, png_bytes(figure))

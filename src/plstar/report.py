@@ -75,13 +75,22 @@ def analysis_table(a: Analysis, *, title: str = "plstar analyze") -> Table:
     return table
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+def write_bytes(path: str | Path, content: bytes) -> Path:
+    """Write bytes atomically (temp file + rename), so a crash never leaves half a file; the file
+    gets the permissions of any file the user creates (mkstemp alone makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write JSON atomically (:func:`write_bytes`)."""
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    return write_bytes(path, text.encode("utf-8"))

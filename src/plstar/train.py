@@ -308,17 +308,21 @@ def _loop(
 
 
 def envelope_ratio(losses: list[float], rate: float) -> float:
-    """max_t L_t / (rate^t L₀), in logs so that rate^t may underflow; ≤ 1 means within the envelope."""
-    if rate <= 0 or not losses or losses[0] <= 0:
+    """max over t ≥ 1 of L_t / (rate^t·L₀): ≤ 1 means the run stayed under the envelope.
+
+    In logs, since rate^t underflows; t = 0 is 1 by definition and is left out so that "≤ 1" is
+    not trivially met. NaN without a rate in (0, 1), with L₀ ≤ 0 or with no step; inf when a loss
+    is not finite.
+    """
+    if not 0 < rate < 1 or len(losses) < 2 or losses[0] <= 0:
         return math.nan
-    log_rate, log0 = math.log(rate), math.log(losses[0])
-    worst = -math.inf
-    for t, loss in enumerate(losses):
-        if not math.isfinite(loss):
-            return math.inf
-        if loss > 0:
-            worst = max(worst, math.log(loss) - log0 - t * log_rate)
-    return math.exp(worst) if worst > -math.inf else 0.0
+    log0, log_rate = math.log(losses[0]), math.log(rate)
+    worst = max(
+        (math.log(loss) - log0 - t * log_rate if loss > 0 else -math.inf)
+        if math.isfinite(loss) else math.inf
+        for t, loss in enumerate(losses[1:], start=1)
+    )  # fmt: skip
+    return math.exp(worst) if worst < math.inf else math.inf
 
 
 def _verdict(r: TrainResult) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from plstar.cli import analyze, train  # noqa: F401  (registers the sub-commands)
+from plstar.cli import analyze, reproduce, train  # noqa: F401  (registers the sub-commands)
 from plstar.cli.common import app, errors
 from plstar.errors import PlstarInputError
 

@@ -36,13 +36,13 @@ from plstar.cli.common import (
     Parameterization,
     ProgressBars,
     Scaling,
-    _versions,
     app,
     build_model,
     console,
     errors,
     load_problem,
     parse_bytes,
+    versions,
 )  # fmt: skip
 from plstar.errors import PlstarInputError
 from plstar.models import describe_model
@@ -195,7 +195,7 @@ def _analyze(
                 **({"distributed": {"ranks": world, "backend": torch.distributed.get_backend(),
                                     "store": store}} if distributed else {}),
             },
-            "versions": _versions(),
+            "versions": versions(),
             "seconds": elapsed,
         }  # fmt: skip
         report.write_json(json_path, payload)

@@ -109,7 +109,8 @@ class ProgressBars:
         self.progress.update(self.tasks[phase], completed=done, total=total)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of plstar, torch, numpy, scipy and python, for reports and JSON outputs."""
     import numpy
     import scipy
 

@@ -31,13 +31,13 @@ from plstar.cli.common import (
     OptWidth,
     Parameterization,
     Scaling,
-    _versions,
     app,
     build_model,
     console,
     errors,
     load_problem,
     parse_bytes,
+    versions,
 )  # fmt: skip
 from plstar.errors import PlstarInputError
 from plstar.models import describe_model
@@ -141,7 +141,7 @@ def train(
         "outputs": dataset.k, "n": dataset.n, "seed": seed, "dtype": dtype.value,
         "method": method.value, "steps": steps, "lr": lr, "batch_size": batch_size,
         "every": every, "kernel_samples": kernel_samples, "eps": eps,
-        "hessian_outputs": hessian_outputs, "versions": _versions(),
+        "hessian_outputs": hessian_outputs, "versions": versions(),
     }  # fmt: skip
     report.write_json(out / "config.json", config)
     on_record, close = _metrics_writer(out / "metrics.jsonl")

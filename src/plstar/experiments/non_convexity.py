@@ -33,14 +33,16 @@ from plstar import theory
 from plstar.certify import flat_parameters
 from plstar.curvature import loss_value
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
-from plstar.experiments.over_under_parameterized import (
+from plstar.experiments.common import (
     all_hold,
     first_below,
     gaussian_problem,
-    log_slope,
-    new_figure,
+    loglog_slope,
     parameter_count,
     tanh_net,
+)
+from plstar.experiments.common import (
+    figure as panel_figure,
 )
 from plstar.functional import ProgressCallback, check_targets, jacobian_rows, make_functional
 from plstar.spectrum import spectrum
@@ -163,7 +165,7 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     for row in by_model["nonlinear"]:
         radii, depth = _median_curve([p for p in row["points"] if p["radius"] <= SLOPE_RADII])
         usable = [(r, v) for r, v in zip(radii, depth, strict=True) if v > 0]
-        slope = log_slope([r for r, _ in usable], [v for _, v in usable])
+        slope = loglog_slope([r for r, _ in usable], [v for _, v in usable])
         checks.append(check_range(
             f"non-linear (seed {row['seed']}): −λ_min(H_L) ∝ r near w* (log-log slope, r ≤ "
             f"{SLOPE_RADII:g})", slope, 0.8, 1.2,
@@ -184,7 +186,9 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
 
 def figures(result: ExperimentResult) -> dict[str, Figure]:
     """−λ_min(H_L) against the distance r from w*; the spectrum of H_L(w*)."""
-    figure, (curvature_ax, spectrum_ax) = new_figure(2, "essential non-convexity")
+    figure, (curvature_ax, spectrum_ax) = panel_figure(
+        2, title="essential non-convexity", width=5.2, height=4.4
+    )
     for kind, color in (("nonlinear", "tab:red"), ("linear", "tab:blue")):
         for row in result.data["models"][kind]:
             pts = row["points"]

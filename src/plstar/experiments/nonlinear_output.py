@@ -36,7 +36,7 @@ from torch import Tensor
 from plstar import theory
 from plstar.curvature import loss_sharpness, model_hessian_norm
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
-from plstar.experiments.common import digits_problem, figure, loglog_slope, seeds_of
+from plstar.experiments.common import digits_problem, figure, late_rate, loglog_slope, seeds_of
 from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
 from plstar.models import mlp
@@ -142,12 +142,6 @@ def _path_rate(run: Run) -> tuple[float, float, float]:
     return theory.gd_rate_for_step(run.data["final_step_size"], beta, mu), mu, beta
 
 
-def _late_rate(losses: list[float]) -> float:
-    """Per-step contraction (L_T/L_{T/2})^(2/T) over the second half of the run."""
-    half = len(losses) // 2
-    return (losses[-1] / losses[half]) ** (1 / (len(losses) - 1 - half))
-
-
 def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     """Per-width summaries and the width trends; checks as in the module docstring."""
     runs = sorted(runs, key=lambda r: (r.config["width"], r.config["seed"]))
@@ -160,7 +154,7 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
         rows.append({
             "width": run.config["width"], "seed": run.config["seed"], "path_rate": q,
             "path_mu": mu, "path_beta": beta, "envelope_ratio": envelope_ratio(losses, q),
-            "late_rate": _late_rate(losses), "loss_reduction": losses[-1] / losses[0],
+            "late_rate": late_rate(losses), "loss_reduction": losses[-1] / losses[0],
             "drift_outer": last["drift_outer"], "drift_inner": last["drift_inner"],
             "hessian_outer": run.data["hessian_outer"], "hessian_inner": run.data["hessian_inner"],
             "min_rho": min(p["rho"] for p in run.data["path"]),

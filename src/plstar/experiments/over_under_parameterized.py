@@ -21,21 +21,23 @@ by under-parameterized nets. Gaussian inputs put the threshold exactly at m = n�
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import Tensor, nn
 
 from plstar import theory
-from plstar.experiments.base import Check, ExperimentResult, Run, check_true
+from plstar.experiments.base import Check, ExperimentResult, Run
+from plstar.experiments.common import (
+    all_hold,
+    first_below,
+    gaussian_problem,
+    parameter_count,
+    tanh_net,
+)
+from plstar.experiments.common import figure as panel_figure
 from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
-from plstar.models import mlp
 from plstar.spectrum import spectrum
 from plstar.train import train
 
@@ -56,68 +58,6 @@ FULL = {"d": 12, "k": 4, "n": 64, "width": 32, "steps": 6000,
 """m = (d + k)·width = 16·width and n·k = 4n: the width sweep uses widths ratio·n/4 at the fixed n
 (every ratio exact), the sample sweep n = round(4·width/ratio) at the fixed width (exact for the
 powers of two; the data record the ratio actually run)."""
-
-
-# ----------------------------------------------------------------------------- shared helpers
-def gaussian_problem(n: int, d: int, k: int, seed: int) -> tuple[Tensor, Tensor, int]:
-    """(x (n, d), y (n, k), model seed): x ~ N(0, I_d), y ~ N(0, I_k), float64, from ``seed``.
-
-    The model seed is drawn from the same generator, so data and weights never share a stream.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    model_seed = int(torch.randint(2**62, (1,), generator=generator))
-    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
-    y = torch.randn(n, k, generator=generator, dtype=torch.float64)
-    return x, y, model_seed
-
-
-def tanh_net(d: int, width: int, k: int, seed: int, depth: int = 2) -> nn.Module:
-    """NTK-parameterized tanh MLP without biases, float64: m = (d + k)·width for depth 2; depth 1
-    is the linear model x ↦ Wx/√d with m = d·k."""
-    return mlp(d, width, depth, k, bias=False, generator_seed=seed, dtype=torch.float64)
-
-
-def parameter_count(model: nn.Module) -> int:
-    """m: trainable parameters only."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def finite(value: float) -> float | None:
-    """``value``, or None where it is infinite (no bound), so that the data stay strict JSON."""
-    return value if math.isfinite(value) else None
-
-
-def first_below(losses: Sequence[float], level: float) -> int | None:
-    """First t with losses[t] < level, or None."""
-    return next((t for t, loss in enumerate(losses) if loss < level), None)
-
-
-def log_slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log y against log x (NaN with fewer than two points)."""
-    if len(xs) < 2:
-        return math.nan
-    lx, ly = [math.log(v) for v in xs], [math.log(v) for v in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum(
-        (a - mx) ** 2 for a in lx
-    )
-
-
-def all_hold(name: str, total: int, failures: list[str], detail: str, expected: str) -> Check:
-    """A check that a property holds for all ``total`` cases: measured "passed/total; detail",
-    naming the ``failures``; fails when there is no case at all."""
-    measured = f"{total - len(failures)}/{total}" + (f"; {detail}" if detail else "")
-    measured += f"; not: {', '.join(failures)}" if failures else ""
-    return check_true(name, total > 0 and not failures, measured, expected)
-
-
-def new_figure(panels: int, title: str) -> tuple[Figure, list[Axes]]:
-    """A figure of ``panels`` side-by-side axes on an Agg canvas (never pyplot)."""
-    figure = Figure(figsize=(5.2 * panels, 4.4), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, panels, squeeze=False)[0]
-    figure.suptitle(title)
-    return figure, list(axes)
 
 
 # ----------------------------------------------------------------------------- experiment
@@ -205,7 +145,9 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
 def figures(result: ExperimentResult) -> dict[str, Figure]:
     """λ_min(K(w₀)) with its precision floor, final L/L₀ and steps to 10⁻⁶·L₀ against m/(n·k)."""
     points = result.data["points"]
-    figure, (kernel_ax, loss_ax, steps_ax) = new_figure(3, "over- vs under-parameterized")
+    figure, (kernel_ax, loss_ax, steps_ax) = panel_figure(
+        3, title="over- vs under-parameterized", width=5.2, height=4.4
+    )
     for sweep, marker in (("width", "o"), ("samples", "s")):
         rows = [p for p in points if p["sweep"] == sweep]
         ratios = [p["ratio"] for p in rows]

@@ -28,14 +28,16 @@ from torch import Tensor, nn
 
 from plstar import theory
 from plstar.experiments.base import Check, ExperimentResult, Run
-from plstar.experiments.over_under_parameterized import (
+from plstar.experiments.common import (
     all_hold,
     finite,
     first_below,
     gaussian_problem,
-    new_figure,
     parameter_count,
     tanh_net,
+)
+from plstar.experiments.common import (
+    figure as panel_figure,
 )
 from plstar.functional import ProgressCallback, jacobian_rows, make_functional
 from plstar.kernel import tangent_kernel
@@ -178,7 +180,9 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
 
 def figures(result: ExperimentResult) -> dict[str, Figure]:
     """L_t and ρ_t; ρ against L with the predicted μ(L); T_ε against both bounds."""
-    figure, (path_ax, ratio_ax, passage_ax) = new_figure(3, "PL*_ε: almost over-parameterized")
+    figure, (path_ax, ratio_ax, passage_ax) = panel_figure(
+        3, title="PL*_ε: almost over-parameterized", width=5.2, height=4.4
+    )
     for i, case in enumerate(result.data["cases"]):
         color, label = f"C{i}", f"m/nk = {case['m'] / case['nk']:.3g}, seed {case['seed']}"
         losses, ratios = case["losses"], case["pl_ratios"]

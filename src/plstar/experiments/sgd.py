@@ -28,12 +28,14 @@ from matplotlib.figure import Figure
 
 from plstar import theory
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
-from plstar.experiments.over_under_parameterized import (
+from plstar.experiments.common import (
+    figure as panel_figure,
+)
+from plstar.experiments.common import (
     finite,
     first_below,
     gaussian_problem,
-    log_slope,
-    new_figure,
+    loglog_slope,
     tanh_net,
 )
 from plstar.functional import ProgressCallback
@@ -164,8 +166,8 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
                for row in rows if row["reached"] < row["streams"]]  # fmt: skip
     both = [row for row in rows if row["mean_steps"] and row["predicted_steps"]]
     sizes = [row["batch_size"] for row in both]
-    measured = log_slope(sizes, [row["mean_steps"] for row in both])
-    predicted = log_slope(sizes, [row["predicted_steps"] for row in both])
+    measured = loglog_slope(sizes, [row["mean_steps"] for row in both])
+    predicted = loglog_slope(sizes, [row["predicted_steps"] for row in both])
     saturation = constants["saturation_batch_size"]
     largest = max(row["batch_size"] for row in rows)
     checks = [
@@ -204,7 +206,9 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
 def figures(result: ExperimentResult) -> dict[str, Figure]:
     """Loss against epochs with the envelopes; steps to ε against b; η*(b) and its saturation."""
     data, rows = result.data, result.data["rows"]
-    figure, (loss_ax, steps_ax, step_ax) = new_figure(3, "SGD at the derived step η*(b)")
+    figure, (loss_ax, steps_ax, step_ax) = panel_figure(
+        3, title="SGD at the derived step η*(b)", width=5.2, height=4.4
+    )
     colors = [f"C{i}" for i in range(len(rows))]
     for row, color in zip(rows, colors, strict=True):
         epochs = range(len(row["mean_curve"]))
