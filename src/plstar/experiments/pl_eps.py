@@ -179,31 +179,46 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
 
 
 def figures(result: ExperimentResult) -> dict[str, Figure]:
-    """L_t and ρ_t; ρ against L with the predicted μ(L); T_ε against both bounds."""
+    """L_t and ρ_t; ρ against L with the predicted μ(L); T_ε against both bounds. Colour = run
+    (legend in the first panel), line style = quantity (legend in each panel)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
     figure, (path_ax, ratio_ax, passage_ax) = panel_figure(
         3, title="PL*_ε: almost over-parameterized", width=5.2, height=4.4
     )
     for i, case in enumerate(result.data["cases"]):
         color, label = f"C{i}", f"m/nk = {case['m'] / case['nk']:.3g}, seed {case['seed']}"
         losses, ratios = case["losses"], case["pl_ratios"]
-        path_ax.semilogy(losses, color=color, label=f"L_t, {label}")
-        path_ax.semilogy(ratios, color=color, linestyle="--", label=f"ρ(w_t), {label}")
-        ratio_ax.loglog(losses, ratios, color=color, label=f"ρ(w_t), {label}")
+        path_ax.semilogy(losses, color=color, label=label)
+        path_ax.semilogy(ratios, color=color, linestyle="--")
+        ratio_ax.loglog(losses, ratios, color=color)
         lambda_plus, last = min(case["lambda_plus_start"], case["lambda_plus_end"]), losses[-1]
         grid = [last * 1.02**j for j in range(1, 2000) if last * 1.02**j <= losses[0]]
         ratio_ax.loglog(grid, [lambda_plus * (1 - last / v) for v in grid], color=color,
-                        linestyle=":", label="μ(L) = λ⁺(1 − L_T/L)")  # fmt: skip
+                        linestyle=":")  # fmt: skip
         rows = case["levels"]
         eps = [r["eps"] for r in rows]
-        passage_ax.loglog(eps, [r["first_passage"] or math.nan for r in rows], "o-", color=color,
-                          label=f"measured T_ε, {label}")  # fmt: skip
-        passage_ax.loglog(eps, [r["bound"] or math.nan for r in rows], "s:", color=color,
-                          label="⌊(β/μ_ε) log(L₀/ε)⌋ + 1")  # fmt: skip
-        passage_ax.loglog(eps, [r["path_bound"] or math.nan for r in rows], "^--", color=color,
-                          label="same, μ = path's min ρ while L ≥ ε")  # fmt: skip
+        passage_ax.loglog(eps, [r["first_passage"] or math.nan for r in rows], "o-", color=color)
+        passage_ax.loglog(eps, [r["bound"] or math.nan for r in rows], "s:", color=color)
+        passage_ax.loglog(eps, [r["path_bound"] or math.nan for r in rows], "^--", color=color)
+
+    def styles(ax: Any, entries: list[tuple[str, str | None, str]], **where: Any) -> None:
+        handles = [Line2D([], [], color="grey", linestyle=ls, marker=mk, label=text)
+                   for ls, mk, text in entries]  # fmt: skip
+        ax.add_artist(ax.legend(handles=handles, fontsize="x-small", **where))
+
+    styles(path_ax, [("-", None, "L_t"), ("--", None, "ρ(w_t)")], loc="lower left")
+    path_ax.legend(  # after styles: it must stay the axes' own legend
+        fontsize="x-small", loc="upper right", title="run", title_fontsize="x-small"
+    )
+    styles(ratio_ax, [("-", None, "ρ(w_t)"), (":", None, "μ(L) = λ⁺(1 − L_T/L)")],
+           loc="lower right")  # fmt: skip
+    styles(passage_ax, [("-", "o", "measured T_ε"), (":", "s", "⌊(β/μ_ε) log(L₀/ε)⌋ + 1"),
+                        ("--", "^", "same, μ = path's min ρ while L ≥ ε")], loc="upper right")  # fmt: skip
     path_ax.set(xlabel="GD step t", title="loss and PL ratio along GD (η = 1/β)")
     ratio_ax.set(xlabel="L(w_t)", ylabel="ρ(w_t)", title="ρ stays above μ_ε while L ≥ ε")
     passage_ax.set(xlabel="ε", ylabel="steps", title="first passage below ε and its bounds")
-    for ax in (path_ax, ratio_ax, passage_ax):
-        ax.legend(fontsize="xx-small")
+    for ax in (ratio_ax, passage_ax):
+        ax.xaxis.set_minor_formatter(NullFormatter())
     return {"pl_eps": figure}
