@@ -519,7 +519,8 @@ def test_pl_eps_first_passage_within_bound() -> None:
     w0 = np.zeros(m)
     L0 = 0.5 * float(y @ y)
     for eps in (1.5 * L_star, 10 * L_star):
-        mu_eps = float(sv[-1] ** 2) * (1 - L_star / eps)
+        mu_eps = theory.pl_eps_constant(float(sv[-1] ** 2), L_star, eps)
+        assert mu_eps == pytest.approx(float(sv[-1] ** 2) * (1 - L_star / eps), rel=1e-15)
         bound = theory.pl_eps_steps_bound(beta, mu_eps, L0, eps)
         tight = theory.steps_to_loss(L0, eps, theory.gd_rate(beta, mu_eps))
         radius = theory.gd_radius(beta, mu_eps, L0)
@@ -702,3 +703,20 @@ def test_invalid_input_is_refused_with_plstar_input_error(call) -> None:
 def test_plstar_input_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="beta"):
         theory.gd_step_size(-2.0)
+
+
+def test_pl_eps_constant_bounds_the_pl_ratio_of_a_linear_model_everywhere_above_eps() -> None:
+    """ρ(w) = rᵀKr/‖r‖² ≥ λ⁺(1 − L*/L(w)) at random w of an under-parameterized linear model."""
+    rng = np.random.default_rng(5)
+    A, y = rng.normal(size=(20, 6)), rng.normal(size=20)
+    w_star = np.linalg.lstsq(A, y, rcond=None)[0]
+    L_star = 0.5 * float(np.sum((A @ w_star - y) ** 2))
+    lam_plus = float(np.linalg.svd(A, compute_uv=False)[-1] ** 2)
+    for _ in range(50):
+        r = A @ (w_star + rng.normal(size=6) * rng.uniform(0.01, 3)) - y
+        loss, rho = 0.5 * float(r @ r), float(r @ (A @ A.T) @ r) / float(r @ r)
+        assert rho >= theory.pl_eps_constant(lam_plus, L_star, loss) * (1 - 1e-12)
+    assert theory.pl_eps_constant(2.0, 1.0, 4.0) == 1.5
+    assert theory.pl_eps_constant(2.0, 1.0, 0.5) == 0.0  # ε below the minimum: no constant
+    with pytest.raises(PlstarInputError):
+        theory.pl_eps_constant(2.0, 1.0, 0.0)

@@ -40,6 +40,7 @@ __all__ = [
     "model_form_step_size",
     "output_layer_kernel_bound",
     "pl_constant",
+    "pl_eps_constant",
     "pl_eps_steps_bound",
     "random_system_log_condition_bound",
     "sgd_radius",
@@ -324,3 +325,18 @@ def pl_eps_first_passage_bound(beta: float, mu: float, loss0: float, eps: float)
     ceiling = pl_eps_steps_bound(beta, mu, loss0, eps)
     exact = beta / mu * (math.log(loss0) - math.log(eps))
     return ceiling + 1.0 if ceiling == exact else ceiling
+
+
+def pl_eps_constant(smallest_nonzero_eigenvalue: float, min_loss: float, eps: float) -> float:
+    """μ_ε = λ⁺(1 − L*/ε): the PL*_ε constant of a model that cannot interpolate (THEORY item 7).
+
+    For a linear model F(w) = Aw + b, split the residual r = r_∥ + r_⊥ along and across range(A):
+    ‖r_⊥‖² = 2L* at every w, so ρ(w) = rᵀKr/‖r‖² ≥ λ⁺‖r_∥‖²/‖r‖² = λ⁺(1 − L*/L(w)), which is
+    ≥ λ⁺(1 − L*/ε) wherever L ≥ ε; λ⁺ is the smallest non-zero eigenvalue of K = AAᵀ (that of
+    AᵀA). For a non-linear model, with λ⁺ and L* measured, it is a prediction, not a theorem
+    (docs/theory.md item 7). 0 when ε ≤ L*.
+    """
+    lam = _real("smallest_nonzero_eigenvalue", smallest_nonzero_eigenvalue, minimum=0.0)
+    floor = _real("min_loss", min_loss, minimum=0.0)
+    eps = _real("eps", eps, minimum=0.0, strict=True)
+    return lam * max(0.0, 1.0 - floor / eps)

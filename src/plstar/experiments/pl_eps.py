@@ -4,7 +4,8 @@ With m a little below n·k, K = DF DFᵀ has rank m < n·k: λ_min(K) ≡ 0, no 
 theorem (item 2) promises no rate. Yet the loss is μ_ε-PL* wherever L ≥ ε > L*: writing the
 residual r = r_∥ + r_⊥ along and across the range of DF, ρ(w) = rᵀKr/‖r‖² ≥ λ⁺·‖r_∥‖²/‖r‖²,
 with λ⁺ the smallest non-zero eigenvalue of K (that of the m × m matrix DFᵀDF), and for a linear
-model ‖r_⊥‖² = 2L* gives ρ ≥ λ⁺(1 − L*/L) ≥ λ⁺(1 − L*/ε) =: μ_ε (docs/theory.md item 7). Item 7
+model ‖r_⊥‖² = 2L* gives ρ ≥ λ⁺(1 − L*/L) ≥ λ⁺(1 − L*/ε) =: μ_ε
+(:func:`plstar.theory.pl_eps_constant`, docs/theory.md item 7). Item 7
 then bounds GD's first passage below ε by ⌊(β/μ_ε) log(L₀/ε)⌋ + 1
 (:func:`plstar.theory.pl_eps_first_passage_bound`).
 
@@ -120,7 +121,7 @@ def level_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         if eps >= loss0:
             continue
         above = [rho for loss, rho in zip(losses, ratios, strict=True) if loss >= eps]
-        mu_eps = lambda_plus * (1.0 - last / eps)
+        mu_eps = theory.pl_eps_constant(lambda_plus, last, eps)
         path_mu = min(above)
         rows.append({
             "c": c, "eps": eps, "mu_eps": mu_eps, "path_mu": path_mu,
@@ -195,7 +196,7 @@ def figures(result: ExperimentResult) -> dict[str, Figure]:
         ratio_ax.loglog(losses, ratios, color=color)
         lambda_plus, last = min(case["lambda_plus_start"], case["lambda_plus_end"]), losses[-1]
         grid = [last * 1.02**j for j in range(1, 2000) if last * 1.02**j <= losses[0]]
-        ratio_ax.loglog(grid, [lambda_plus * (1 - last / v) for v in grid], color=color,
+        ratio_ax.loglog(grid, [theory.pl_eps_constant(lambda_plus, last, v) for v in grid], color=color,
                         linestyle=":")  # fmt: skip
         rows = case["levels"]
         eps = [r["eps"] for r in rows]
