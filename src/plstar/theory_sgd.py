@@ -15,6 +15,19 @@ from plstar.validation import real_number as _real
 from plstar.validation import whole_number as _int
 
 
+def _checked(
+    per_sample_smoothness: float, loss_smoothness: float, pl_constant: float, n_samples: int,
+    batch_size: int,
+) -> tuple[float, float, float, int, int]:  # fmt: skip
+    """(β, λ, μ, n, b) validated: β, λ > 0 finite; μ finite; n, b ≥ 1 integers."""
+    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0, strict=True)
+    lam = _real("loss_smoothness", loss_smoothness, minimum=0.0, strict=True)
+    mu = _real("pl_constant", pl_constant)
+    n = _int("n_samples", n_samples, minimum=1)
+    b = _int("batch_size", batch_size, minimum=1)
+    return beta, lam, mu, n, b
+
+
 def sgd_step_size(
     *,
     per_sample_smoothness: float,
@@ -31,11 +44,9 @@ def sgd_step_size(
     (of L = Σℓ_i; λ <= nβ may be used when unknown), μ = pl_constant of L. b → ∞ gives 1/λ.
     μ <= 0 returns 0.0 (no step is certified).
     """
-    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0, strict=True)
-    lam = _real("loss_smoothness", loss_smoothness, minimum=0.0, strict=True)
-    mu = _real("pl_constant", pl_constant)
-    n = _int("n_samples", n_samples, minimum=1)
-    b = _int("batch_size", batch_size, minimum=1)
+    beta, lam, mu, n, b = _checked(
+        per_sample_smoothness, loss_smoothness, pl_constant, n_samples, batch_size
+    )
     if mu <= 0.0:
         return 0.0
     return b * mu / (lam * (n * beta + mu * (b - 1)))
@@ -56,15 +67,16 @@ def sgd_rate(
     ρ(η) = 1 − 2μη + λη²(nβ + μ(b − 1))/b, valid when λη(b − 1) <= 2b; at η*(b) it equals
     1 − μη*(b) = 1 − bμ²/(λ(nβ + μ(b − 1))). Clipped to [0, 1]; 1 means no guarantee.
     """
-    beta = _real("per_sample_smoothness", per_sample_smoothness, minimum=0.0, strict=True)
-    lam = _real("loss_smoothness", loss_smoothness, minimum=0.0, strict=True)
-    mu = _real("pl_constant", pl_constant)
-    n = _int("n_samples", n_samples, minimum=1)
-    b = _int("batch_size", batch_size, minimum=1)
+    beta, lam, mu, n, b = _checked(
+        per_sample_smoothness, loss_smoothness, pl_constant, n_samples, batch_size
+    )
     if mu <= 0.0:
         return 1.0
-    if step_size is None:
-        eta = b * mu / (lam * (n * beta + mu * (b - 1)))
+    if step_size is None:  # at η*(b) the bound simplifies to 1 − μη*(b)
+        eta = sgd_step_size(
+            per_sample_smoothness=beta, loss_smoothness=lam, pl_constant=mu, n_samples=n,
+            batch_size=b,
+        )  # fmt: skip
         return _clip01(1.0 - mu * eta)
     eta = _real("step_size", step_size, minimum=0.0)
     if lam * eta * (b - 1) > 2 * b:
