@@ -66,8 +66,8 @@ def timed(command: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     rows = []
     for args in (
-        ["--n", "1797", "--width", "1024"],
-        ["--n", "1797", "--width", "4096", "--outputs", "10"],
+        ["--samples", "1797", "--width", "1024"],
+        ["--samples", "1797", "--width", "4096", "--outputs", "10"],
     ):
         wall, peak, _ = timed([sys.executable, "-m", "plstar", "analyze", *args])
         rows.append((f"`plstar analyze {' '.join(args)}`", wall, peak, "whole analysis"))

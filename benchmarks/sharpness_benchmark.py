@@ -19,8 +19,8 @@ from report_sections import write_section
 
 import plstar
 from plstar.data import load_digits
+from plstar.lanczos import lanczos
 from plstar.models import mlp
-from plstar.spectrum import lanczos
 
 
 def plstar_beta(model, x, y, warm: bool, seed: int) -> tuple[float, float, int, float]:

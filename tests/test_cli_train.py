@@ -13,7 +13,19 @@ from pathlib import Path
 import pytest
 from conftest import run_cli as run
 
-SMALL = ["--n", "16", "--width", "32", "--depth", "2", "--every", "4", "--kernel-samples", "8"]
+SMALL = [
+    "--samples",
+    "16",
+    "--width",
+    "32",
+    "--depth",
+    "2",
+    "--every",
+    "4",
+    "--kernel-samples",
+    "8",
+]
+RESULTS = ("metrics.jsonl", "config.json", "summary.json", "training.png")
 
 
 def lines_of(path: Path) -> list[dict]:
@@ -102,14 +114,114 @@ def test_killed_run_leaves_every_written_line_parseable(tmp_path: Path) -> None:
     "args, message",
     [
         (["--lr", "fast"], "--lr"),
-        (["--lr", "-0.1"], "lr"),
-        (["--steps", "0"], "steps"),
-        (["--method", "sgd", "--batch-size", "0"], "batch_size"),
-        (["--every", "0"], "every"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--steps", "0"], "--steps"),
+        (["--method", "sgd", "--batch-size", "0"], "--batch-size"),
+        (["--method", "sgd", "--batch-size", "17"], "--batch-size 17 exceeds the n = 16"),
+        (["--every", "0"], "--every"),
+        (["--eps", "-1"], "--eps"),
     ],
 )
 def test_bad_train_options_exit_2_with_a_message(
     tmp_path: Path, capsys, args: list[str], message: str
 ) -> None:
-    assert run(["train", *SMALL, *args, "--out", str(tmp_path)]) == 2
+    assert run(["train", *SMALL, *args, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def earlier_results(folder: Path) -> dict[str, bytes]:
+    """An earlier run's four files (placeholders) in ``folder``; their contents."""
+    folder.mkdir(exist_ok=True)
+    for name in RESULTS:
+        (folder / name).write_text(f"earlier run: {name}\n")
+    return {name: (folder / name).read_bytes() for name in RESULTS}
+
+
+def test_a_new_run_replaces_every_file_of_an_earlier_one(tmp_path: Path, capsys) -> None:
+    earlier_results(tmp_path)
+    assert run(["train", *SMALL, "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert not any(b"earlier run" in (tmp_path / name).read_bytes() for name in RESULTS)
+    assert [r["step"] for r in lines_of(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert "training.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["w0", "summary", "figure"])
+def test_ctrl_c_before_the_first_step_or_while_writing_keeps_the_folder_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, where: str
+) -> None:
+    """Ctrl-C during w₀'s measurements leaves an earlier run untouched; a (second) Ctrl-C while
+    the summary or the figure is written leaves this run's files only, and says which."""
+    import plstar
+    from plstar.cli import train as command
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "w0":
+        monkeypatch.setattr(plstar, "Monitor", stop)
+    elif where == "summary":
+        original = command.report.write_json
+        monkeypatch.setattr(command.report, "write_json",
+                            lambda path, payload: (stop if Path(path).name == "summary.json"
+                                                   else original)(path, payload))  # fmt: skip
+    else:
+        monkeypatch.setattr(plstar.Monitor, "plot", stop)
+    before = earlier_results(tmp_path)
+    assert run(["train", *SMALL, "--steps", "3", "--out", str(tmp_path)]) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "interrupted" in line
+    on_disk = {p.name for p in tmp_path.iterdir()}
+    if where == "w0":
+        assert "nothing was written" in line and "untouched" in line
+        assert {name: (tmp_path / name).read_bytes() for name in RESULTS} == before
+        return
+    assert f"steps 0–3 kept in {tmp_path / 'metrics.jsonl'}" in line
+    assert ("summary.json written" in line) == (where == "figure")
+    assert "training.png written" not in line
+    expected = {"metrics.jsonl", "config.json"} | ({"summary.json"} if where == "figure" else set())
+    assert on_disk == expected  # no earlier file, no temporary file
+    assert not any(b"earlier run" in (tmp_path / name).read_bytes() for name in on_disk)
+
+
+def test_a_figure_that_cannot_be_written_is_not_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import plstar
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plstar.Monitor, "plot", fail)
+    assert run(["train", *SMALL, "--steps", "2", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert "No space left on device" in line
+    assert "training.png" not in captured.out and not (tmp_path / "training.png").exists()
+
+
+def test_an_interpolating_start_is_a_complete_zero_step_run(tmp_path: Path, capsys) -> None:
+    """L(w₀) = 0 is a global minimum: exit 0, the verdict says so, and the folder holds one whole
+    run of 0 steps (not a half-written one)."""
+    import numpy as np
+
+    source = tmp_path / "zero.py"
+    source.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    net = torch.nn.Linear(3, 1)\n"
+        "    torch.nn.init.zeros_(net.weight)\n"
+        "    torch.nn.init.zeros_(net.bias)\n"
+        "    return net\n"
+    )
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "zero.npz", x=rng.normal(size=(6, 3)), y=np.zeros(6))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "zero.npz"), "--model", f"{source}:make",
+            "--steps", "5", "--every", "1", "--out", str(out)]  # fmt: skip
+    assert run(args) == 0
+    assert "global minimum" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(RESULTS)
+    assert [r["step"] for r in lines_of(out / "metrics.jsonl")] == [0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["result"]["steps"] == 0 and not summary["interrupted"]

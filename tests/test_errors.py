@@ -87,3 +87,28 @@ def test_finite_values_whose_sum_overflows_are_accepted_and_a_single_nan_is_coun
     mixed = torch.tensor([math.inf, -math.inf, 1.0])  # the sum is NaN, two entries are bad
     with pytest.raises(plstar.DataError, match="2 non-finite"):
         check_finite("x", mixed)
+
+
+def test_check_data_accepts_token_ids_and_masks_and_refuses_in_one_line() -> None:
+    from plstar.functional import check_data
+
+    for accepted in (torch.randint(0, 5, (4, 3)), torch.ones(4, 3, dtype=torch.bool)):
+        assert check_data("x", accepted) is accepted
+    for refused, words in (
+        (torch.ones(4, 3).numpy(), "torch.as_tensor"),
+        (torch.ones(4, 3).to_sparse(), "to_dense"),
+        (torch.tensor(2.0), "0-d"),
+    ):
+        with pytest.raises(plstar.DataError, match=words) as caught:
+            check_data("x2", refused)
+        assert str(caught.value).startswith("x2 ") and "\n" not in str(caught.value)
+
+
+def test_instance_norm_updating_running_statistics_is_refused_and_buffers_kept() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (1, 4)),
+                          nn.InstanceNorm1d(1, track_running_stats=True), nn.Flatten()).double()  # fmt: skip
+    before = model[2].running_mean.clone()
+    with pytest.raises(plstar.IllDefinedModelError, match=r"model\.eval\(\)"):
+        plstar.tangent_kernel(model, torch.randn(5, 3))
+    assert torch.equal(model[2].running_mean, before)
+    assert plstar.tangent_kernel(model.eval(), torch.randn(5, 3)).shape == (20, 20)

@@ -70,6 +70,30 @@ def test_kernel_independent_of_block_size(zoo_case, implementation: str) -> None
     assert relative_error(blocked, whole) < 1e-13
 
 
+@pytest.mark.parametrize("implementation", ["auto", *IMPLEMENTATIONS])
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "blocked"])
+def test_kernel_is_exactly_symmetric_for_every_implementation(
+    zoo_case, implementation: str, blocked: bool
+) -> None:
+    """Users may rely on torch.equal(K, K.T): the upper triangle is mirrored, never recomputed,
+    so the result does not depend on whether this CPU's GEMM gives A·Aᵀ bitwise symmetric."""
+    _, model, x = zoo_case
+    fmodel = make_functional(model, x)
+    budget = 2 * fmodel.k * fmodel.m * 16 if blocked else None
+    K = plstar.tangent_kernel(model, x, implementation=implementation, memory_budget=budget)  # type: ignore[arg-type]
+    assert torch.equal(K, K.T)
+    assert relative_error(K, dense_kernel(model, x)) < 1e-12
+
+
+def test_mirroring_copies_the_upper_triangle_across_strips() -> None:
+    from plstar.kernel import mirror_upper_triangle_
+
+    a = torch.randn(11, 11, generator=torch.Generator().manual_seed(0))
+    expected = a.triu() + a.triu(1).T
+    assert torch.equal(mirror_upper_triangle_(a.clone(), strip=3), expected)
+    assert torch.equal(mirror_upper_triangle_(a.clone()), expected)
+
+
 def test_kernel_is_permutation_equivariant(zoo_case) -> None:
     _, model, x = zoo_case
     k = make_functional(model, x).k

@@ -24,7 +24,6 @@ import pytest
 from conftest import run_cli as run
 from matplotlib.image import imread
 
-import plstar.cli.reproduce  # noqa: F401  (registers the sub-command until cli/__init__ imports it)
 import plstar.experiments as registry
 from plstar.experiments.base import Run
 from plstar.experiments.report_files import PNG_SIGNATURE

@@ -12,7 +12,7 @@ from scipy.sparse.linalg import aslinearoperator
 from torch import nn
 
 import plstar
-from plstar.spectrum import lanczos
+from plstar.lanczos import lanczos
 
 SPECTRUM_MODULE = importlib.import_module("plstar.spectrum")  # plstar.spectrum is the function
 

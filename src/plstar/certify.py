@@ -39,6 +39,7 @@ from plstar.kernel import tangent_kernel
 from plstar.matrix_free import KernelOperator
 from plstar.planning import activation_bytes_per_sample, default_memory_budget
 from plstar.spectrum import Spectrum, spectrum
+from plstar.validation import describe, real_number, whole_number
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -299,15 +300,16 @@ def certify(
     ‖H_F‖ and one for β: (samples + 2)·len(shells) points. Raises PlstarInputError for samples < 0,
     shell fractions outside (0, 1], or a radius that is negative or not finite.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-        raise PlstarInputError(f"samples must be an integer ≥ 0, got {samples!r}")
-    fractions = [float(s) for s in shells]
-    if not fractions or any(not 0.0 < s <= 1.0 for s in fractions):
-        raise PlstarInputError(f"shells must be fractions of R in (0, 1], got {list(shells)}")
-    if radius is not None and not (math.isfinite(radius) and radius >= 0):
-        raise PlstarInputError(f"radius must be finite and ≥ 0, got {radius}")
-    if mu is not None and not (math.isfinite(mu) and mu > 0):
-        raise PlstarInputError(f"mu must be finite and > 0, got {mu}")
+    samples = whole_number("samples", samples, minimum=0)
+    if isinstance(shells, str | bytes) or not isinstance(shells, Sequence):
+        raise PlstarInputError(f"shells must be a sequence of fractions, got {describe(shells)}")
+    fractions = [real_number("each shell fraction", s, minimum=0.0, strict=True) for s in shells]
+    if not fractions or any(s > 1.0 for s in fractions):
+        raise PlstarInputError(f"shells must be fractions of R in (0, 1], got {fractions}")
+    if radius is not None:
+        radius = real_number("radius", radius, minimum=0.0)
+    if mu is not None:
+        mu = real_number("mu", mu, minimum=0.0, strict=True)
     fmodel = make_functional(model, x)
     y2 = check_targets(fmodel, x, y)
     a = analyze(model, x, y2, hessian_outputs=hessian_outputs, seed=seed,

@@ -27,9 +27,13 @@ from plstar.curvature import (
 from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, check_targets, make_functional
 from plstar.kernel import planned_tangent_kernel
+from plstar.lanczos import lanczos
 from plstar.matrix_free import KernelOperator
-from plstar.planning import Implementation
-from plstar.spectrum import Spectrum, lanczos, spectrum
+from plstar.planning import IMPLEMENTATIONS, Implementation
+from plstar.spectrum import Spectrum, spectrum
+from plstar.validation import callback, choice, floating_dtype, real_number, whole_number
+from plstar.validation import memory_budget as check_budget
+from plstar.validation import seed as check_seed
 
 DENSE_SPECTRUM_LIMIT = 20_000
 """Largest n·k for which ``analyze`` forms K and solves it densely; beyond, Lanczos on products."""
@@ -78,6 +82,11 @@ class Analysis:
         """μ > 0: K(w₀) is non-singular within precision, so PL* holds at w₀ with μ = λ_min."""
         return self.mu > 0.0
 
+    @property
+    def at_global_minimum(self) -> bool:
+        """L(w₀) = 0: w₀ interpolates y, a global minimum of L; ρ(w₀) is 0/0 and GD stays put."""
+        return self.loss0 == 0.0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (infinities as the strings "inf")."""
         out: dict[str, Any] = {}
@@ -86,6 +95,7 @@ class Analysis:
                 value = value.to_dict()
             out[key] = value
         out["pl_star_at_w0"] = self.pl_star_at_w0
+        out["at_global_minimum"] = self.at_global_minimum
         return json_safe(out)
 
 
@@ -102,6 +112,12 @@ def json_safe(value: Any) -> Any:
 
 def _verdict(a: Analysis) -> list[str]:
     nk = a.n * a.k
+    if a.at_global_minimum:
+        return [
+            "L(w₀) = 0: the model interpolates y at w₀, a global minimum of L. ∇L(w₀) = 0, so GD "
+            "does not move and there is nothing to optimize; ρ(w₀) = 0/0 is undefined, R = 0, "
+            "and the kernel figures describe the solution set at w₀.",
+        ]
     if not a.overparameterized:
         return [
             f"PL* cannot hold: m = {a.m} < n·k = {nk}, so K = DF DFᵀ has rank ≤ m and "
@@ -150,7 +166,15 @@ def analyze(
     Spectrum of K(w₀), its unit top eigenvector (n·k,), the implementation's label) replaces the
     kernel's computation when it was made elsewhere (:func:`plstar.distributed.analyze`).
     """
-    fmodel = make_functional(model, x)
+    implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
+    dtype = floating_dtype("dtype", dtype)
+    if target_loss is not None:
+        target_loss = real_number("target_loss", target_loss, minimum=0.0)
+    if hessian_outputs is not None:
+        hessian_outputs = whole_number("hessian_outputs (None for all)", hessian_outputs, minimum=1)
+    seed, memory_budget = check_seed(seed), check_budget(memory_budget)
+    callback("progress", progress)
+    fmodel = make_functional(model, x, memory_budget=memory_budget)
     y2 = check_targets(fmodel, x, y)
     n, k, m = x.shape[0], fmodel.k, fmodel.m
     eps_model = float(torch.finfo(fmodel.dtype).eps)
@@ -223,12 +247,13 @@ def analyze(
     target = target_loss if target_loss is not None else 1e-6 * loss0
     b = beta.value
     rate = theory.gd_rate(b, mu) if mu > 0 else 1.0
+    radius = 0.0 if loss0 == 0 else theory.gd_radius(b, mu, loss0) if mu > 0 else math.inf
     analysis = Analysis(
         n=n, k=k, m=m, overparameterized=overparameterized,
         model_dtype=str(fmodel.dtype).replace("torch.", ""), implementation=used,
         loss0=loss0, kernel=kernel, pl_ratio=rho, beta=beta, hessian_norm=hess, mu=mu,
         kappa=b / mu if mu > 0 else math.inf,
-        radius=theory.gd_radius(b, mu, loss0) if mu > 0 else math.inf,
+        radius=radius,
         gd_step=theory.gd_step_size(b), gd_rate=rate, target_loss=target,
         steps_to_target=theory.steps_to_loss(loss0, target, rate),
         lipschitz=math.sqrt(max(kernel.lambda_max or 0.0, 0.0)), seconds=seconds,

@@ -20,8 +20,11 @@ from torch.func import grad, jvp, vmap
 
 from plstar.errors import PlstarInputError
 from plstar.functional import FunctionalModel, Params, check_targets, chunks, make_functional
+from plstar.lanczos import lanczos
 from plstar.planning import activation_bytes_per_sample, default_memory_budget
-from plstar.spectrum import lanczos
+from plstar.validation import memory_budget as check_budget
+from plstar.validation import positive_tolerance, whole_number
+from plstar.validation import seed as check_seed
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def _setup(model: nn.Module, x: Tensor) -> tuple[FunctionalModel, Tensor]:
 def _sample_block(
     fmodel: FunctionalModel, x: Tensor, memory_budget: int | None, factor: int
 ) -> int:
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget()
     per_sample = factor * activation_bytes_per_sample(fmodel, x)
     return int(max(1, min(x.shape[0], budget // per_sample)))
 
@@ -158,12 +161,16 @@ def loss_sharpness(
     """β at w: the largest eigenvalue of the loss Hessian H_L (L = ½‖F − y‖², summed).
 
     Lanczos on Hessian-vector products until the relative residual is ≤ ``tol``. ``v0`` (m,) warm
-    start, e.g. the Gauss–Newton direction DFᵀu for the top eigenvector u of K.
+    start, e.g. the Gauss–Newton direction DFᵀu for the top eigenvector u of K; a zero v0 (DF = 0,
+    e.g. f = (w·x)² at w = 0) starts at random, and a v0 inside an invariant subspace of H_L is
+    followed by a random restart, so a vanishing warm start never reports β = 0 for H_L ≠ 0.
     Cost: ≤ ``max_iter`` HVPs, each ≈ 4 passes over the data. Memory: 2 · iterations · m float64,
     with the iterations capped so that it fits ``memory_budget``.
     """
+    tol, seed = positive_tolerance("tol", tol), check_seed(seed)
+    max_iter = whole_number("max_iter", max_iter, minimum=1)
     m, hvp = loss_hvp(model, x, y, memory_budget=memory_budget)
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget()
     max_iter = _iterations_within(budget, m, max_iter)
     result = lanczos(hvp, m, 1, v0=v0, max_iter=max_iter, tol=tol, seed=seed, converge="max")
     return EigenEstimate(
@@ -183,13 +190,25 @@ def _iterations_within(budget: int, m: int, wanted: int) -> int:
 def _select_outputs(total: int, outputs: int | list[int] | Tensor | None, seed: int) -> np.ndarray:
     if outputs is None:
         return np.arange(total)
-    if isinstance(outputs, int):
-        if outputs < 1:
-            raise PlstarInputError(f"outputs must be ≥ 1 (or None for all), got {outputs}")
-        if outputs >= total:
+    if isinstance(outputs, int | np.integer | bool):
+        count = whole_number("outputs (a count; None for all)", outputs, minimum=1)
+        if count >= total:
             return np.arange(total)
-        return np.sort(np.random.default_rng(seed).choice(total, size=outputs, replace=False))
-    chosen = np.asarray(torch.as_tensor(outputs).cpu(), dtype=np.int64).reshape(-1)
+        return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+    try:
+        given = torch.as_tensor(outputs).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        given = None
+    if (
+        given is None
+        or given.is_floating_point()
+        or given.is_complex()
+        or given.dtype == torch.bool
+    ):
+        raise PlstarInputError(
+            f"outputs must be None, a count, or integer output indices; got {type(outputs).__name__}"
+        )
+    chosen = np.asarray(given, dtype=np.int64).reshape(-1)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= total:
         raise PlstarInputError(
             f"output indices must lie in [0, {total}), got {chosen.tolist()[:8]}"
@@ -215,10 +234,12 @@ def model_hessian_norm(
     Cost: ≤ max_iter per-sample HVPs per output. Memory: 2 · max_iter · m float64 per output
     in flight, batched under ``memory_budget``.
     """
+    tol, seed = positive_tolerance("tol", tol), check_seed(seed)
+    max_iter = whole_number("max_iter", max_iter, minimum=1)
     fmodel, x = _setup(model, x)
     k, total = fmodel.k, x.shape[0] * fmodel.k
     chosen = _select_outputs(total, outputs, seed)
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget()
     max_iter = _iterations_within(budget, fmodel.m, max_iter)
     batch = int(max(1, min(len(chosen), budget // ((2 * max_iter + 6) * fmodel.m * 8))))
 

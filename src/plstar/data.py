@@ -7,7 +7,6 @@ conditioning of the tangent kernel (THEORY.md, "Input scaling matters").
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plstar import data_files
 from plstar.errors import DataError, PlstarInputError
 
 Scaling = Literal["sphere", "standardize", "none"]
@@ -180,121 +180,6 @@ def load_digits(
     return Dataset(x=x, y=y, name="digits", scaling=scaling, description=description)
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        # allow_pickle=False: a data file must never execute code on load.
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise DataError(
-            f"cannot read {path.name} as .npz: {exc}. Expected an archive written by "
-            "numpy.savez(path, x=inputs, y=targets)."
-        ) from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(
-            f"{path.name} holds a single array, not an archive; save with "
-            "numpy.savez(path, x=inputs, y=targets)."
-        )
-    with archive:
-        missing = [key for key in ("x", "y") if key not in archive.files]
-        if missing:
-            raise DataError(
-                f"{path.name}: missing array(s) {missing}; found {archive.files}. Save with "
-                "numpy.savez(path, x=inputs, y=targets)."
-            )
-        try:
-            return archive["x"], archive["y"]
-        except Exception as exc:
-            raise DataError(f"cannot read arrays x, y from {path.name}: {exc}") from exc
-
-
-def _read_pt(path: Path) -> tuple[Tensor, Tensor]:
-    try:
-        # weights_only=True: refuses pickled code, accepts plain dicts of tensors.
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(
-            f"cannot read {path.name} as a .pt dict of tensors: {exc}. Save with "
-            "torch.save({'x': inputs, 'y': targets}, path)."
-        ) from exc
-    if not isinstance(content, dict):
-        raise DataError(
-            f"{path.name} holds a {type(content).__name__}, expected a dict with tensors 'x' and "
-            "'y'; save with torch.save({'x': inputs, 'y': targets}, path)."
-        )
-    missing = [key for key in ("x", "y") if not isinstance(content.get(key), Tensor)]
-    if missing:
-        raise DataError(
-            f"{path.name}: entries {missing} are missing or not tensors; found keys "
-            f"{sorted(map(str, content))}. Save with "
-            "torch.save({'x': inputs, 'y': targets}, path)."
-        )
-    return content["x"], content["y"]
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        # utf-8-sig drops the byte-order mark that spreadsheet exports often start with.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = [(line, row) for line, row in enumerate(csv.reader(handle), start=1) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {path.name} as .csv: {exc}") from exc
-    if not rows:
-        raise DataError(f"{path.name} is empty; expected comma-separated rows of numbers.")
-    first = [cell.strip() for cell in rows[0][1]]
-    # An empty first-row cell is a missing number, not a column name.
-    header = first if any(cell and not _is_number(cell) for cell in first) else None
-    body = rows[1:] if header is not None else rows
-    width = len(first)
-    if width < 2:
-        raise DataError(
-            f"{path.name} has {width} column; need at least one input column and one target column."
-        )
-    if target is None:
-        target_col = width - 1
-    elif header is None:
-        raise DataError(
-            f"target={target!r} names a column, but {path.name} has no header row; add a header "
-            "line of column names or omit target to use the last column."
-        )
-    elif target not in header:
-        raise DataError(f"{path.name} has no column {target!r}; available columns: {header}.")
-    else:
-        target_col = header.index(target)
-    values = np.empty((len(body), width), dtype=np.float64)
-    for i, (line, row) in enumerate(body):
-        if len(row) != width:
-            raise DataError(f"{path.name}, row {line}: {len(row)} fields, expected {width}.")
-        for j, cell in enumerate(row):
-            try:
-                values[i, j] = float(cell)
-            except ValueError:
-                column = f"column {j + 1}" + (f" ({header[j]!r})" if header else "")
-                raise DataError(
-                    f"{path.name}, row {line}, {column}: {cell!r} is not a number; every cell "
-                    "below the header must be numeric."
-                ) from None
-    inputs = np.delete(values, target_col, axis=1)
-    return inputs, values[:, target_col]
-
-
-def _as_tensor(array: np.ndarray | Tensor, role: str, name: str) -> Tensor:
-    try:
-        tensor = torch.as_tensor(array).detach()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise DataError(f"{name}: {role} is not a numeric array: {exc}") from exc
-    if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise DataError(f"{name}: {role} has dtype {tensor.dtype}; expected real numbers.")
-    return tensor
-
-
 def _first_bad_row(t: Tensor) -> int | None:
     if not t.is_floating_point():
         return None
@@ -311,12 +196,16 @@ def load_file(
 ) -> Dataset:
     """Load inputs and targets from .npz (arrays "x", "y"), .csv, or .pt (dict of tensors).
 
-    Shapes: x (n, d) (1-D x becomes (n, 1)); y (n, k) (1-D y becomes (n, 1)).
-    A .csv may start with a header row (detected by a non-numeric field); its target is the last
-    column, or the column named ``target`` (requires the header). Integer x is kept as token ids
-    (then only scaling="none" is allowed); floating x is converted to ``dtype``, as is y.
-    Raises DataError for a missing/unreadable/malformed file, missing arrays, n == 0, mismatched
-    lengths, NaN/Inf, or non-numeric csv cells; PlstarInputError for a bad scaling or dtype.
+    Shapes: x (n, d) or (n, ...) (1-D x becomes (n, 1)); y (n, k) (1-D y becomes (n, 1)); n ≥ 1,
+    d ≥ 1, k ≥ 1. A .csv may start with a header row (detected by a non-numeric field); its target
+    is the last column, or the column named ``target`` (requires the header). Integer x is kept as
+    int64 token ids (then only scaling="none" is allowed); floating x is converted to ``dtype``, as
+    is y; both are finite in ``dtype``. Nothing in a file is executed (see
+    :mod:`plstar.data_files`). Raises DataError for a missing/unreadable/malformed file, missing
+    arrays, values that are not real numbers (text, objects, booleans, complex; sparse, meta or
+    quantized tensors), n == 0, no features or targets, mismatched lengths, NaN/Inf (also after
+    conversion to ``dtype`` or scaling), or non-numeric csv cells; PlstarInputError for a bad
+    scaling or dtype.
     """
     _check_scaling(scaling)
     _check_dtype(dtype)
@@ -324,9 +213,9 @@ def load_file(
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the path.")
     readers = {
-        ".npz": _read_npz,
-        ".pt": _read_pt,
-        ".csv": lambda p: _read_csv(p, target),
+        ".npz": data_files.read_npz,
+        ".pt": data_files.read_pt,
+        ".csv": lambda p: data_files.read_csv(p, target),
     }
     suffix = path.suffix.lower()
     if suffix not in readers:
@@ -336,43 +225,54 @@ def load_file(
         )
     if target is not None and suffix != ".csv":
         raise PlstarInputError(
-            f"target={target!r} only applies to .csv files; {suffix} files store y separately."
+            f"target {target!r} only applies to .csv files; {suffix} files store y separately."
         )
-    raw_x, raw_y = readers[suffix](path)
-    x, y = _as_tensor(raw_x, "x", path.name), _as_tensor(raw_y, "y", path.name)
+    x, y = readers[suffix](path)
+    name = path.name
     if x.ndim == 0 or y.ndim == 0 or y.ndim > 2:
         raise DataError(
-            f"{path.name}: x must be (n, d) and y (n,) or (n, k); got x {tuple(x.shape)}, "
+            f"{name}: x must be (n, d) and y (n,) or (n, k); got x {tuple(x.shape)}, "
             f"y {tuple(y.shape)}."
         )
     x = x.reshape(-1, 1) if x.ndim == 1 else x
     y = y.reshape(-1, 1) if y.ndim == 1 else y
     if x.shape[0] == 0:
-        raise DataError(f"{path.name} contains no samples (n = 0).")
+        raise DataError(f"{name} contains no samples (n = 0).")
     if x.shape[0] != y.shape[0]:
         raise DataError(
-            f"{path.name}: x has {x.shape[0]} rows but y has {y.shape[0]}; they must pair one "
+            f"{name}: x has {x.shape[0]} rows but y has {y.shape[0]}; they must pair one "
             "target row with each input row."
+        )
+    if x[0].numel() == 0 or y.shape[1] == 0:
+        raise DataError(
+            f"{name}: x {tuple(x.shape)} and y {tuple(y.shape)} must have at least one feature "
+            "and one target per sample."
         )
     for role, tensor in (("x", x), ("y", y)):
         row = _first_bad_row(tensor)
         if row is not None:
             raise DataError(
-                f"{path.name}: {role} contains NaN or Inf (first at sample {row}); remove or "
+                f"{name}: {role} contains NaN or Inf (first at sample {row}); remove or "
                 "impute those values."
             )
     if x.is_floating_point():
-        x = scale_inputs(x.to(torch.float64), scaling).to(dtype)
+        x = scale_inputs(x, scaling).to(dtype)
         kind = _describe_scaling(scaling, math.prod(x.shape[1:]))
     elif scaling != "none":
         raise PlstarInputError(
-            f"{path.name}: x holds integers (token ids, {x.dtype}); scaling {scaling!r} would "
-            "destroy them. Use scaling='none', or store x as floating point."
+            f"{name}: x holds integers (token ids); scaling {scaling!r} would destroy them. "
+            "Use scaling='none', or store x as floating point."
         )
     else:
-        kind = f"integer token ids ({x.dtype})"
+        kind = "integer token ids (int64)"
     y = y.to(dtype)
-    description = (
-        f"{path.name}, n={x.shape[0]}, x {tuple(x.shape[1:])}, {kind}; targets: k={y.shape[1]}"
-    )
-    return Dataset(x=x, y=y, name=path.name, scaling=scaling, description=description)
+    # Finite in float64 is not finite in float32 (1e39), nor after scaling (overflowing sums).
+    for role, tensor in (("x", x), ("y", y)):
+        row = _first_bad_row(tensor)
+        if row is not None:
+            raise DataError(
+                f"{name}: {role} overflows in {dtype} or under {scaling!r} scaling (first at "
+                f"sample {row}); rescale the values or use float64."
+            )
+    description = f"{name}, n={x.shape[0]}, x {tuple(x.shape[1:])}, {kind}; targets: k={y.shape[1]}"
+    return Dataset(x=x, y=y, name=name, scaling=scaling, description=description)

@@ -10,7 +10,7 @@ so rank r assembles its row block K[shard_r, :] without any rank holding all fea
 :class:`DistributedKernel` is the result: ``gather()`` brings K to one rank when it fits, and
 ``K @ v`` (v replicated, (N,) or (N, b)) costs one all-reduce of a zero-padded (N·b + 1)-vector.
 Each entry of that sum has exactly one non-zero term, so the product is bitwise identical on every
-rank and :func:`plstar.spectrum.lanczos` runs unchanged, in lockstep, on every rank. With
+rank and :func:`plstar.lanczos.lanczos` runs unchanged, in lockstep, on every rank. With
 ``store="features"`` there is no ring and no K: each rank keeps its shard's features and a product
 contracts through parameter space (two all-reduces), for n whose row blocks do not fit.
 docs/scaling.md gives the memory and communication model.
@@ -46,9 +46,13 @@ from plstar.distributed_comm import (
 from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, chunks
 from plstar.functional import make_functional as _make_functional
-from plstar.planning import Implementation, default_memory_budget
-from plstar.spectrum import Spectrum, Which, lanczos
+from plstar.kernel import mirror_upper_triangle_
+from plstar.lanczos import lanczos
+from plstar.planning import IMPLEMENTATIONS, Implementation, default_memory_budget
+from plstar.spectrum import Spectrum, Which
 from plstar.spectrum import spectrum as _spectrum
+from plstar.validation import callback, choice, floating_dtype
+from plstar.validation import memory_budget as check_budget
 
 __all__ = [
     "DistributedError",
@@ -133,7 +137,7 @@ class DistributedKernel:
         return product.view(columns.shape).to(v.device).reshape(v.shape)
 
     def gather(self, dst: int = 0, *, max_bytes: int | None = None) -> Tensor | None:
-        """The whole K (N × N, on the CPU) on rank ``dst``; None on the other ranks.
+        """The whole K (N × N, on the CPU, exactly symmetric) on rank ``dst``; None elsewhere.
 
         Refuses, on every rank, when K is not stored or N²·itemsize exceeds ``max_bytes``
         (default: twice :func:`plstar.default_memory_budget`, i.e. half the RAM it sees).
@@ -141,7 +145,8 @@ class DistributedKernel:
         if self.rows is None:  # the same on every rank: they all raise, with no collective
             raise PlstarInputError("K is not stored (store='features'); use store='rows'")
         limit = max_bytes if max_bytes is not None else 2 * default_memory_budget()
-        return comm.gather_rows(self.rows, self.counts, self.k, dst, limit, self.group)
+        matrix = comm.gather_rows(self.rows, self.counts, self.k, dst, limit, self.group)
+        return None if matrix is None else mirror_upper_triangle_(matrix)
 
 
 def tangent_kernel(
@@ -169,8 +174,12 @@ def tangent_kernel(
     space (two all-reduces each).
     Raises DistributedError on every rank when any rank fails.
     """
+    store = choice("store", store, ("rows", "features"))  # type: ignore[assignment]
+    implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
+    dtype = floating_dtype("dtype", dtype)
+    callback("progress", progress)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget()
     fmodel, local, counts = comm.shard_of(model, x, sharded, group)
     offsets = [sum(counts[:r]) for r in range(world + 1)]
     found: list = []
@@ -221,8 +230,9 @@ def tangent_kernel(
 
     def visit(source: int, theirs: structured.BlockFeatures) -> None:
         # Each sub-block pair is contracted in one orientation, that of the global sample order,
-        # so the ranks owning K[I, J] and K[J, I] produce exact transposes of each other; in the
-        # diagonal block the lower sub-blocks are those transposes, copied.
+        # so the ranks owning K[I, J] and K[J, I] compute the same product; in the diagonal block
+        # the lower sub-blocks are those transposes, copied. gather() mirrors the whole K, so
+        # what a user sees is symmetric bit for bit even if two processes' GEMMs differed.
         for mine in chunks(counts[rank], block):
             left = features_.take(own, layout, mine)
             for cols in chunks(counts[source], block):
@@ -233,6 +243,8 @@ def tangent_kernel(
                     part = structured.contract_blocks(left, right, k)
                 else:
                     part = structured.contract_blocks(right, left, k).T
+                if source == rank and cols == mine:  # A·Aᵀ need not be bitwise symmetric
+                    mirror_upper_triangle_(part)
                 start = (offsets[source] + cols.start) * k
                 rows[mine.start * k : mine.stop * k, start : start + part.shape[1]] = part
                 if source == rank and cols.start > mine.start:
@@ -263,22 +275,28 @@ def spectrum(
     """Extreme eigenvalues of a distributed K, the same :class:`Spectrum` on every rank.
 
     "dense" (and "auto" up to N = 20,000): K is gathered to rank ``dst``, solved there by
-    :func:`plstar.spectrum` exactly as in one process, and the result broadcast. "lanczos" (and
-    "auto" beyond): :func:`plstar.spectrum` on the kernel's products, run in lockstep on every rank
-    (one all-reduce per product). Arguments as :func:`plstar.spectrum`.
+    :func:`plstar.spectrum` exactly as in one process. "lanczos" (and "auto" beyond):
+    :func:`plstar.spectrum` on the kernel's products, run in lockstep on every rank (one
+    all-reduce per product). Either way rank ``dst``'s result is broadcast, so every rank returns
+    the same numbers by construction, not by trusting two processes' floating point to agree.
+    Arguments as :func:`plstar.spectrum`.
     """
+    if not isinstance(kernel, DistributedKernel):
+        raise PlstarInputError(f"kernel must be a DistributedKernel, got {type(kernel).__name__}")
+    method = choice("method", method, ("auto", "dense", "lanczos"))  # type: ignore[assignment]
     group = kernel.group
     dense = method == "dense" or (
         method == "auto" and kernel.rows is not None and kernel.shape[0] <= DENSE_GATHER_LIMIT
     )
-    if not dense:
-        return guarded("kernel spectrum", lambda: _spectrum(
+    if dense:
+        matrix = kernel.gather(dst)
+        found = guarded("kernel spectrum", lambda: None if matrix is None else _spectrum(
+            matrix, which, input_precision=input_precision, seed=seed,
+        ), group)  # fmt: skip
+    else:
+        found = guarded("kernel spectrum", lambda: _spectrum(
             kernel, which, input_precision=input_precision, tol=tol, max_iter=max_iter, seed=seed,
         ), group)  # fmt: skip
-    matrix = kernel.gather(dst)
-    found = guarded("kernel spectrum", lambda: None if matrix is None else _spectrum(
-        matrix, which, input_precision=input_precision, seed=seed,
-    ), group)  # fmt: skip
     box = [found]
     source = comm.global_rank(group, dst)
     guarded("kernel spectrum (broadcast)",

@@ -2,7 +2,12 @@
 
 Every core routine goes through :func:`make_functional`, so the refusals of ill-defined input
 live in one place: a model whose output is not a function of ``w`` alone (Dropout, train-mode
-BatchNorm), no trainable parameters, non-finite numbers, and data whose shapes do not match.
+BatchNorm, randomness, samples that interact), no trainable parameters, non-finite numbers, and
+data whose type or shape does not fit (:mod:`plstar.model_checks` runs the model over the data).
+
+A measurement never changes the module: F(w; x) swaps detached tensors in for the module's own
+during a call and puts the originals back, once per (owning module, attribute) — a module used
+at two positions is swapped once, a Parameter shared by two modules in each of them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from plstar import model_checks
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
 
 Params = dict[str, Tensor]
@@ -25,14 +31,17 @@ ProgressCallback = Callable[[str, float, float], None]
 class FunctionalModel:
     """A module seen as F(w; x) ∈ ℝ^{n×k}, with w the trainable parameters only.
 
-    ``params`` are detached copies' views of the module's trainable parameters (tied parameters
-    appear once); ``buffers`` are held fixed. ``k`` is the flattened output size per sample.
+    ``params`` are detached views of the module's trainable parameters, each Parameter once under
+    its first name; ``aliases`` lists (name, first name) for every other module that owns one of
+    them (weights tied across modules); ``buffers`` are held fixed, one entry per owning module.
+    ``k`` is the flattened output size per sample.
     """
 
     module: nn.Module
     params: Params
     buffers: dict[str, Tensor]
     k: int
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def m(self) -> int:
@@ -48,9 +57,19 @@ class FunctionalModel:
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
+    def output(self, params: Params, x: Tensor) -> Tensor:
+        """The module's raw output with ``params`` in place of its trainable parameters.
+
+        tie_weights=False with one entry per owning module: torch's tying would expand a module
+        used twice into two swaps of the same attribute and restore them in the wrong order,
+        leaving a plain tensor where the user's Parameter was.
+        """
+        bound = {**params, **{alias: params[name] for alias, name in self.aliases}}
+        return functional_call(self.module, (bound, self.buffers), (x,), tie_weights=False)
+
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         """F(w; x) for a batch: x (c, ...) -> (c, k)."""
-        out = functional_call(self.module, (params, self.buffers), (x,))
+        out = self.output(params, x)
         return out.reshape(out.shape[0], -1)
 
     def single(self, params: Params, xi: Tensor) -> Tensor:
@@ -123,42 +142,78 @@ def check_finite(name: str, tensor: Tensor) -> None:
             )
 
 
-def _refuse_ill_defined(module: nn.Module) -> None:
-    for name, sub in module.named_modules():
-        where = f"{name} ({type(sub).__name__})" if name else type(sub).__name__
-        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
-            raise IllDefinedModelError(
-                f"{where} is in train mode, so F is random, not a function of the parameters; "
-                "call model.eval() before measuring."
-            )
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            if sub.training:
-                raise IllDefinedModelError(
-                    f"{where} is in train mode, so each output depends on the whole batch; "
-                    "call model.eval() to use its running statistics."
-                )
-            if sub.running_mean is None:
-                raise IllDefinedModelError(
-                    f"{where} has no running statistics (track_running_stats=False), so it "
-                    "normalises with batch statistics even in eval mode; F is not per-sample."
-                )
+def check_data(name: str, tensor: object) -> Tensor:
+    """Refuse, as a one-line DataError, data that plstar cannot read as samples; return it.
+
+    Accepted: a dense (strided), non-meta, real torch.Tensor with a batch dimension first and at
+    least one sample, floating values finite (integer and bool tensors pass: token ids, masks).
+    Cost: one read of a floating tensor (its sum), nothing more unless it is not finite.
+    """
+    if not isinstance(tensor, Tensor):
+        kind = f"{type(tensor).__module__}.{type(tensor).__name__}".removeprefix("builtins.")
+        dense = f"{name}.toarray()" if hasattr(tensor, "toarray") else name  # scipy.sparse
+        raise DataError(
+            f"{name} must be a torch.Tensor, got {kind}; convert it with torch.as_tensor({dense})"
+        )
+    if tensor.is_meta:
+        raise DataError(f"{name} is a meta tensor (a shape without values); load its data first")
+    if tensor.is_nested:
+        raise DataError(f"{name} is a nested tensor; pad it ({name}.to_padded_tensor(0)) first")
+    if tensor.is_quantized:
+        raise DataError(f"{name} is quantized; pass {name}.dequantize()")
+    if tensor.layout != torch.strided:
+        raise DataError(f"{name} has layout {tensor.layout}; pass a dense {name}.to_dense()")
+    if tensor.is_inference():
+        raise DataError(
+            f"{name} was made under torch.inference_mode, which autograd cannot use; pass "
+            f"{name}.clone() made outside it, or use torch.no_grad() instead"
+        )
+    if tensor.is_complex():
+        raise DataError(f"{name} is complex ({tensor.dtype}); plstar measures real-valued data")
+    if tensor.ndim == 0:
+        raise DataError(f"{name} is a 0-d tensor (a scalar); it needs a batch dimension (n, ...)")
+    if tensor.shape[0] == 0:
+        raise DataError(f"{name} is empty: at least one sample is needed")
+    check_finite(name, tensor)
+    return tensor
 
 
-def make_functional(model: nn.Module, x: Tensor) -> FunctionalModel:
+def _owned(model: nn.Module, store: str) -> list[tuple[str, Tensor]]:
+    """(path, tensor) once per (owning module object, attribute) of ``_parameters``/``_buffers``."""
+    seen: set[tuple[int, str]] = set()
+    found = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attribute, tensor in getattr(module, store).items():
+            if tensor is None or (id(module), attribute) in seen:
+                continue
+            seen.add((id(module), attribute))
+            found.append((f"{prefix}.{attribute}" if prefix else attribute, tensor))
+    return found
+
+
+def make_functional(
+    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+) -> FunctionalModel:
     """Check ``model`` and ``x`` and return the pure form F(w; x).
 
-    Probes the model on the first sample to learn k. Raises :class:`IllDefinedModelError` for
-    Dropout/BatchNorm in train mode or no trainable parameters, :class:`DataError` for empty or
-    non-finite x, and :class:`PlstarInputError` when the model cannot run on x.
+    Refuses, with a one-line message naming the problem and the first offending sample:
+    :class:`DataError` for x that is not a dense real tensor with samples, or not finite;
+    :class:`IllDefinedModelError` for Dropout/BatchNorm (or InstanceNorm tracking statistics) in
+    train mode, no trainable parameters, a forward that is random, mixes samples (batch-coupled),
+    changes the module's buffers or parameters, or gives NaN/Inf; :class:`PlstarInputError` when
+    the model cannot run on a sample or does not return its outputs batch first.
+    Cost: one forward pass over all of x without gradients, in sample blocks sized to
+    ``memory_budget`` (default :func:`plstar.default_memory_budget`), plus about 3·min(n, 8)
+    single-sample passes; remembered for the same module and x (both unchanged but for in-place
+    parameter updates), so the seven calls of one :func:`plstar.analyze`, a training loop's steps
+    and certify's points check the data once. Non-finite parameters are refused on every call.
+    The user's model is left as it was: its buffers are replaced by copies while checking, and
+    the global random state is restored.
     """
     if not isinstance(model, nn.Module):
         raise PlstarInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor):
-        raise DataError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise DataError("x is empty: at least one sample is needed")
-    check_finite("x", x)
-    _refuse_ill_defined(model)
+    x = check_data("x", x)
+    model_checks.refuse_ill_defined(model)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise IllDefinedModelError(
@@ -168,31 +223,23 @@ def make_functional(model: nn.Module, x: Tensor) -> FunctionalModel:
         if not p.is_floating_point():
             raise IllDefinedModelError(f"parameter {name} is not floating point ({p.dtype})")
         check_finite(f"parameter {name}", p)
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    first = next(iter(params.values()))
-    sample = x[:1].to(first.dtype) if x.is_floating_point() else x[:1]
-    try:
-        with torch.no_grad():
-            probe = functional_call(model, (params, buffers), (sample,))
-    except Exception as error:  # a user's model can raise anything; say where it came from
-        raise PlstarInputError(
-            f"the model could not run on x of shape {tuple(x.shape)}: {error}"
-        ) from error
-    if not isinstance(probe, Tensor) or probe.ndim == 0 or probe.shape[0] != 1:
-        raise PlstarInputError(
-            "the model must map a batch x (n, ...) to outputs (n, ...) with the batch first; "
-            f"it returned {getattr(probe, 'shape', type(probe).__name__)} for one sample"
-        )
-    return FunctionalModel(model, params, buffers, int(probe[0].numel()))
+    first_name = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    aliases = tuple(
+        (path, first_name[id(p)])
+        for path, p in _owned(model, "_parameters")
+        if id(p) in first_name and path != first_name[id(p)]
+    )
+    buffers = {n: b.detach() for n, b in _owned(model, "_buffers")}
+    probe = FunctionalModel(model, params, buffers, 0, aliases)
+    k = model_checks.check_forward(probe, x, memory_budget)
+    return FunctionalModel(model, params, buffers, k, aliases)
 
 
 def check_targets(fmodel: FunctionalModel, x: Tensor, y: Tensor) -> Tensor:
     """Validate targets against the model's outputs and return them as (n, k) in the model dtype."""
-    if not isinstance(y, Tensor):
-        raise DataError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    check_finite("y", y)
+    y = check_data("y", y)
     n = x.shape[0]
-    if y.ndim == 0 or y.shape[0] != n:
+    if y.shape[0] != n:
         raise DataError(f"x has {n} samples but y has shape {tuple(y.shape)}")
     y2 = y.reshape(n, -1)
     if y2.shape[1] != fmodel.k:
@@ -200,4 +247,12 @@ def check_targets(fmodel: FunctionalModel, x: Tensor, y: Tensor) -> Tensor:
             f"the model gives k={fmodel.k} output(s) per sample but y has {y2.shape[1]} per sample "
             f"(y shape {tuple(y.shape)})"
         )
-    return y2.to(fmodel.dtype)
+    y2 = y2.to(fmodel.dtype)
+    # L = ½‖F − y‖² is summed in the model's dtype: targets whose squares overflow it would give
+    # an infinite loss and NaN ratios, not a measurement.
+    if not bool(torch.isfinite((y2 * y2).sum())):
+        raise DataError(
+            f"y is too large for the model's dtype {fmodel.dtype} (max |y| = "
+            f"{float(y.double().abs().max()):.3g}; the loss ½‖F − y‖² overflows): rescale y"
+        )
+    return y2

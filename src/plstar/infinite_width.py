@@ -40,15 +40,20 @@ import torch
 from torch import Tensor
 
 from plstar.errors import DataError, PlstarInputError
+from plstar.validation import floating_dtype, whole_number
 
 KernelActivation = Literal["relu", "erf", "identity"]
 KERNEL_ACTIVATIONS: tuple[str, ...] = get_args(KernelActivation)
 
 
-def _check(x: Tensor, x2: Tensor | None, depth: int, activation: str, outputs: int) -> None:
-    for name, value in (("depth", depth), ("outputs", outputs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PlstarInputError(f"{name} must be an integer ≥ 1, got {value!r}")
+def _check(
+    x: Tensor, x2: Tensor | None, depth: int, activation: str, outputs: int, dtype: torch.dtype
+) -> None:
+    floating_dtype("dtype", dtype)
+    if not isinstance(activation, str):
+        raise PlstarInputError(f"activation must be a name, got {type(activation).__name__}")
+    whole_number("depth", depth, minimum=1)
+    whole_number("outputs", outputs, minimum=1)
     if activation not in KERNEL_ACTIVATIONS:
         raise PlstarInputError(
             f"no closed-form kernel for activation {activation!r}; choose one of "
@@ -57,9 +62,20 @@ def _check(x: Tensor, x2: Tensor | None, depth: int, activation: str, outputs: i
     for name, t in (("x", x), ("x2", x2)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise DataError(f"{name} must be a non-empty (n, d) tensor, got {shape}")
+        if (
+            not isinstance(t, Tensor)
+            or t.layout != torch.strided
+            or t.is_meta
+            or t.is_complex()
+            or t.ndim != 2
+            or t.shape[0] == 0
+            or t.shape[1] == 0
+        ):
+            kind = f"{t.dtype} {t.layout} {tuple(t.shape)}" if isinstance(t, Tensor) else ""
+            raise DataError(
+                f"{name} must be a dense real (n, d) tensor with n, d ≥ 1, got "
+                f"{kind or type(t).__name__}"
+            )
         if not bool(torch.isfinite(t).all()):
             raise DataError(f"{name} has NaN or Inf entries")
     if x2 is not None and x2.shape[1] != x.shape[1]:
@@ -141,7 +157,7 @@ def infinite_width_ntk(
     Raises PlstarInputError for an activation without a closed form, depth or outputs < 1;
     DataError for empty, non-finite or mis-shaped inputs.
     """
-    _check(x, x2, depth, activation, outputs)
+    _check(x, x2, depth, activation, outputs, dtype)
     return _expand(_recursion(x, x2, depth, activation, dtype)[1], outputs)
 
 
@@ -159,5 +175,5 @@ def infinite_width_nngp(
     Cov(f_a(x), f_b(x')) over random initialisations = Σ^L(x, x')·[a = b]. Shapes, layout, cost
     and failures as :func:`infinite_width_ntk`.
     """
-    _check(x, x2, depth, activation, outputs)
+    _check(x, x2, depth, activation, outputs, dtype)
     return _expand(_recursion(x, x2, depth, activation, dtype)[0], outputs)

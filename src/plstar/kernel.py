@@ -32,17 +32,20 @@ from plstar.functional import (
     FunctionalModel,
     Params,
     ProgressCallback,
-    check_finite,
+    check_data,
     chunks,
     jacobian_rows,
     make_functional,
 )
 from plstar.planning import (
+    IMPLEMENTATIONS,
     Implementation,
     KernelPlan,
     default_memory_budget,
     plan_kernel,
 )
+from plstar.validation import callback, choice, floating_dtype
+from plstar.validation import memory_budget as check_budget
 
 
 def _contract_rows(left: Params, right: Params) -> Tensor:
@@ -50,21 +53,39 @@ def _contract_rows(left: Params, right: Params) -> Tensor:
 
 
 def prepare_inputs(
-    model: nn.Module, x: Tensor, x2: Tensor | None
+    model: nn.Module, x: Tensor, x2: Tensor | None, memory_budget: int | None = None
 ) -> tuple[FunctionalModel, Tensor, Tensor]:
-    """(F, x, x2 or x) checked and cast to the model's dtype (integer inputs kept as they are)."""
-    fmodel = make_functional(model, x)
+    """(F, x, x2 or x) checked and cast to the model's dtype (integer inputs kept as they are);
+    the model's forward is checked on the samples of x2 as on those of x."""
+    fmodel = make_functional(model, x, memory_budget=memory_budget)
     x = x.to(fmodel.dtype) if x.is_floating_point() else x
     if x2 is None:
         return fmodel, x, x
-    if not isinstance(x2, Tensor) or x2.ndim == 0 or x2.shape[0] == 0:
-        raise DataError("x2 is empty: at least one sample is needed")
+    x2 = check_data("x2", x2)
     if x2.shape[1:] != x.shape[1:]:
         raise DataError(
             f"x2 samples have shape {tuple(x2.shape[1:])}, x samples {tuple(x.shape[1:])}"
         )
-    check_finite("x2", x2)
+    make_functional(model, x2, memory_budget=memory_budget)
     return fmodel, x, x2.to(fmodel.dtype) if x2.is_floating_point() else x2
+
+
+def mirror_upper_triangle_(matrix: Tensor, strip: int = 1024) -> Tensor:
+    """Copy the upper triangle of a square matrix onto its lower one, in place, and return it.
+
+    A kernel that is symmetric in exact arithmetic is then symmetric bit for bit
+    (``torch.equal(K, K.T)``), whatever the BLAS did: a GEMM A·Aᵀ need not give bitwise symmetric
+    results, and on some CPUs it does not. Works in row strips, so the temporaries are
+    ``strip × strip`` plus a transposed read, never N × N.
+    """
+    size = matrix.shape[0]
+    for start in range(0, size, strip):
+        stop = min(size, start + strip)
+        if start:
+            matrix[start:stop, :start] = matrix[:start, start:stop].mT
+        square = matrix[start:stop, start:stop]
+        square.copy_(square.triu() + square.triu(1).mT)
+    return matrix
 
 
 def _assemble(
@@ -79,7 +100,8 @@ def _assemble(
     progress: ProgressCallback | None,
 ) -> Tensor:
     """K block by block: features of each sample block, contracted pairwise (upper blocks only
-    when symmetric); column features are kept when the plan says they fit, else recomputed."""
+    when symmetric, then mirrored); column features are kept when the plan says they fit, else
+    recomputed."""
     out = torch.empty(x.shape[0] * k, x2.shape[0] * k, dtype=dtype)
     row_blocks = list(chunks(x.shape[0], plan.row_block))
     col_blocks = list(chunks(x2.shape[0], plan.row_block if symmetric else plan.col_block))
@@ -105,12 +127,10 @@ def _assemble(
                     kept[cols.start] = right
             block = contract(left, right)
             out[rows.start * k : rows.stop * k, cols.start * k : cols.stop * k] = block
-            if symmetric and cols != rows:
-                out[cols.start * k : cols.stop * k, rows.start * k : rows.stop * k] = block.T
             done += 1
             if progress is not None:
                 progress("tangent kernel", done, pairs)
-    return out
+    return mirror_upper_triangle_(out) if symmetric else out
 
 
 def forward_products(fmodel: FunctionalModel, x: Tensor, tangents: Params) -> Tensor:
@@ -122,24 +142,38 @@ def forward_products(fmodel: FunctionalModel, x: Tensor, tangents: Params) -> Te
     return vmap(push)(tangents)
 
 
-def _ntvp_kernel(fmodel, x, x2, plan, dtype, progress) -> Tensor:
+def _ntvp_kernel(
+    fmodel: FunctionalModel,
+    x: Tensor,
+    x2: Tensor,
+    symmetric: bool,
+    plan: KernelPlan,
+    dtype: torch.dtype,
+    progress: ProgressCallback | None,
+) -> Tensor:
+    """K[:, J] = DF(x)·J_Jᵀ column block by column block; when symmetric, only the blocks that
+    meet the upper triangle, which is then mirrored."""
     k = fmodel.k
     out = torch.empty(x.shape[0] * k, x2.shape[0] * k, dtype=dtype)
     col_blocks = list(chunks(x2.shape[0], plan.col_block))
     row_blocks = list(chunks(x.shape[0], plan.row_block))
-    total, done = len(col_blocks) * len(row_blocks), 0
-    for cols in col_blocks:
+    pairs = [
+        (cols, [rows for rows in row_blocks if not symmetric or rows.start < cols.stop])
+        for cols in col_blocks
+    ]
+    total, done = sum(len(rows) for _, rows in pairs), 0
+    for cols, wanted in pairs:
         tangents = {
             name: t.reshape(t.shape[0], *fmodel.params[name].shape)
             for name, t in jacobian_rows(fmodel, x2[cols], fmodel.dtype).items()
         }
-        for rows in row_blocks:
+        for rows in wanted:
             block = forward_products(fmodel, x[rows], tangents)  # (cols·k, rows·k)
             out[rows.start * k : rows.stop * k, cols.start * k : cols.stop * k] = block.T.to(dtype)
             done += 1
             if progress is not None:
                 progress("tangent kernel", done, total)
-    return out
+    return mirror_upper_triangle_(out) if symmetric else out
 
 
 def tangent_kernel(
@@ -162,8 +196,11 @@ def tangent_kernel(
     plus k reverse passes per sample; "jacobian" ≈ 2·n·n2·k²·m flops; "ntvp" ≈ n2·k forward-mode
     passes over n samples. "auto" takes "structured" when a layer rule applies. Memory: the result plus at most ``memory_budget`` bytes
     (default :func:`default_memory_budget`) of planned working memory (see :func:`plan_kernel`).
-    Raises IllDefinedModelError when F is not a function of w alone (Dropout or BatchNorm in train
-    mode) and DataError for empty, non-finite or mis-shaped inputs.
+    The result is exactly symmetric when ``x2`` is None (its upper triangle mirrored).
+    Raises PlstarInputError for an unknown implementation, a dtype other than float32/float64 or a
+    memory budget that is not a positive number of bytes; IllDefinedModelError when F is not a
+    function of w alone (Dropout or BatchNorm in train mode, randomness, samples that interact);
+    DataError for empty, non-finite or mis-shaped inputs.
     """
     return planned_tangent_kernel(
         model, x, x2, implementation=implementation, dtype=dtype, memory_budget=memory_budget,
@@ -235,8 +272,11 @@ def planned_tangent_kernel(
     progress: ProgressCallback | None = None,
 ) -> tuple[Tensor, KernelPlan]:
     """:func:`tangent_kernel` and the plan that made it (the implementation "auto" chose)."""
-    fmodel, x, x2_ = prepare_inputs(model, x, x2)
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
+    dtype = floating_dtype("dtype", dtype)
+    budget = check_budget(memory_budget) or default_memory_budget()
+    callback("progress", progress)
+    fmodel, x, x2_ = prepare_inputs(model, x, x2, budget)
     symmetric = x2 is None
     plan, found = choose_plan(
         fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype,
@@ -244,18 +284,24 @@ def planned_tangent_kernel(
     )  # fmt: skip
     if plan.implementation == "ntvp":
         with torch.no_grad():
-            return _ntvp_kernel(fmodel, x, x2_, plan, dtype, progress), plan
-    if found is not None:
+            kernel = _ntvp_kernel(fmodel, x, x2_, symmetric, plan, dtype, progress)
+    elif found is not None:
         modules, fallback = found.modules, found.fallback
         kernel = _assemble(
             x, x2_, symmetric, plan, fmodel.k, dtype,
             lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype),
             lambda a, b: structured.contract_blocks(a, b, fmodel.k), progress,
         )  # fmt: skip
-        return kernel, plan
-    with torch.no_grad():
-        kernel = _assemble(
-            x, x2_, symmetric, plan, fmodel.k, dtype,
-            lambda xs: jacobian_rows(fmodel, xs, dtype), _contract_rows, progress,
-        )  # fmt: skip
+    else:
+        with torch.no_grad():
+            kernel = _assemble(
+                x, x2_, symmetric, plan, fmodel.k, dtype,
+                lambda xs: jacobian_rows(fmodel, xs, dtype), _contract_rows, progress,
+            )  # fmt: skip
+    if not bool(torch.isfinite(kernel.sum())) and not bool(torch.isfinite(kernel).all()):
+        raise PlstarInputError(
+            f"the tangent kernel has NaN or Inf entries although x and F(x) are finite: DF "
+            f"overflows in the model's dtype ({fmodel.dtype}); run the model in float64 or "
+            "rescale its inputs or weights"
+        )
     return kernel, plan

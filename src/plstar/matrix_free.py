@@ -20,6 +20,8 @@ from plstar.errors import PlstarInputError
 from plstar.functional import Params, chunks
 from plstar.kernel import forward_products, passes_entry_check, prepare_inputs
 from plstar.planning import activation_bytes_per_sample, default_memory_budget
+from plstar.validation import choice, floating_dtype
+from plstar.validation import memory_budget as check_budget
 
 OperatorImplementation = Literal["auto", "structured", "ntvp"]
 
@@ -50,15 +52,12 @@ class KernelOperator:
         dtype: torch.dtype = torch.float64,
         memory_budget: int | None = None,
     ) -> None:
-        if implementation not in ("auto", "structured", "ntvp"):
-            raise PlstarInputError(
-                f"unknown operator implementation {implementation!r}: auto, structured or ntvp"
-            )
-        self.fmodel, self.x, _ = prepare_inputs(model, x, None)
+        choice("implementation", implementation, ("auto", "structured", "ntvp"))
+        self.dtype = floating_dtype("dtype", dtype)
+        budget = check_budget(memory_budget) or default_memory_budget()
+        self.fmodel, self.x, _ = prepare_inputs(model, x, None, budget)
         n, k = self.x.shape[0], self.fmodel.k
         self.shape = (n * k, n * k)
-        self.dtype = dtype
-        budget = memory_budget if memory_budget is not None else default_memory_budget()
         per_sample = 4 * activation_bytes_per_sample(self.fmodel, self.x)
         self.block = int(max(1, min(n, budget // per_sample)))
         self.products = 0

@@ -273,9 +273,12 @@ def cnn(
     return nn.Sequential(*layers)
 
 
-def load_model_factory(spec: str) -> nn.Module:
+def load_model_factory(spec: str, *, seed: int | None = None) -> nn.Module:
     """Build a user model from ``"path/to/file.py:factory"``: import the file, call ``factory()``.
 
+    With ``seed``, the import and the call run under torch's, numpy's and Python's random
+    generators seeded with it, and every generator's state is restored afterwards: an unseeded
+    factory then gives the same weights on every run, and the caller's random streams are untouched.
     Raises PlstarInputError when the spec has no ':', the file is missing or fails to import (the
     original error is included), the attribute is missing or not callable, the call fails, or the
     result is not an ``nn.Module``.
@@ -289,6 +292,35 @@ def load_model_factory(spec: str) -> nn.Module:
     path = Path(file_part)
     if not path.is_file():
         raise PlstarInputError(f"model file not found: {path} (from spec {spec!r}).")
+    with _seeded_everywhere(seed):
+        return _import_and_call(path, attr)
+
+
+@contextlib.contextmanager
+def _seeded_everywhere(seed: int | None) -> Iterator[None]:
+    """Seed torch (CPU and CUDA), numpy's global and Python's generators; restore them after."""
+    if seed is None:
+        yield
+        return
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # Named devices: fork_rng warns on several GPUs otherwise (a stray line on the CLI's stderr).
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _import_and_call(path: Path, attr: str) -> nn.Module:
     module_name = f"plstar_user_model_{abs(hash(path.resolve()))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
@@ -298,7 +330,7 @@ def load_model_factory(spec: str) -> nn.Module:
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in the file is its error; Ctrl-C is not
         del sys.modules[module_name]
         raise PlstarInputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
@@ -312,7 +344,7 @@ def load_model_factory(spec: str) -> nn.Module:
         )
     try:
         model = factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PlstarInputError(
             f"calling {path}:{attr}() failed: {type(exc).__name__}: {exc}; the factory must take "
             "no arguments."

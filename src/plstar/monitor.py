@@ -29,6 +29,9 @@ from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, check_targets, make_functional
 from plstar.kernel import tangent_kernel
 from plstar.spectrum import Spectrum, spectrum
+from plstar.validation import callback, real_number, whole_number
+from plstar.validation import memory_budget as check_budget
+from plstar.validation import seed as check_seed
 
 
 @dataclass(frozen=True)
@@ -148,10 +151,14 @@ class Monitor:
     ) -> None:
         for name, value in (("every", every), ("kernel_samples", kernel_samples),
                             ("sharpness_iterations", sharpness_iterations)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PlstarInputError(f"{name} must be an integer ≥ 1, got {value!r}")
+            whole_number(name, value, minimum=1)
+        mu = None if mu is None else real_number("mu", mu, minimum=0.0)
+        beta = None if beta is None else real_number("beta", beta, minimum=0.0)
+        seed, memory_budget = check_seed(seed), check_budget(memory_budget)
+        callback("on_record", on_record)
+        callback("progress", progress)
         started = time.perf_counter()
-        fmodel = make_functional(model, x)
+        fmodel = make_functional(model, x, memory_budget=memory_budget)
         self.model, self.x, self.y = model, x, check_targets(fmodel, x, y)
         self.n, self.k, self.m = x.shape[0], fmodel.k, fmodel.m
         self.every, self.sharpness = every, sharpness
@@ -164,7 +171,9 @@ class Monitor:
         else:
             generator = torch.Generator().manual_seed(seed)
             self.subsample = torch.randperm(self.n, generator=generator)[:kernel_samples].sort()[0]
-        self._kernel0 = tangent_kernel(model, x[self.subsample], memory_budget=memory_budget)
+        # one tensor for every record, so the model's data check is remembered for it
+        self._kernel_x = x[self.subsample]
+        self._kernel0 = tangent_kernel(model, self._kernel_x, memory_budget=memory_budget)
         self._kernel0_norm = float(torch.linalg.matrix_norm(self._kernel0))
         whole = len(self.subsample) == self.n
         if mu is None and whole:  # the subsample is the data: K₀ already gives μ
@@ -192,11 +201,23 @@ class Monitor:
         """Index of the last recorded step (0 right after construction)."""
         return self.history[-1].step
 
-    def check_start(self, model: nn.Module, n: int) -> None:
-        """Refuse (PlstarInputError) to watch a run of another model or data size, or one that does
-        not start at this monitor's w₀."""
-        if model is not self.model or n != self.n:
-            raise PlstarInputError("the monitor watches another model or data set")
+    def check_start(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        """Refuse (PlstarInputError) to watch a run of another model or other data (x, and y as
+        (n, k)), or one that does not start at this monitor's w₀: its envelope, μ and β would
+        belong to another problem."""
+        if model is not self.model:
+            raise PlstarInputError("the monitor watches another model: create it on this one")
+        for name, mine, theirs in (("x", self.x, x), ("y", self.y, y)):
+            same = mine is theirs or (
+                mine.shape == theirs.shape
+                and mine.dtype == theirs.dtype
+                and bool(torch.equal(mine, theirs))
+            )
+            if not same:
+                raise PlstarInputError(
+                    f"the monitor was created with another {name} than the one trained on; "
+                    f"create it with the same (x, y)"
+                )
         if self.steps != 0 or not torch.equal(flat_parameters(model), self.w0):
             raise PlstarInputError(
                 "the monitor must start at the current parameters: create it right before training"
@@ -240,9 +261,7 @@ class Monitor:
         return record
 
     def _measure_kernel(self, record: Record) -> None:
-        kernel = tangent_kernel(
-            self.model, self.x[self.subsample], memory_budget=self.memory_budget
-        )
+        kernel = tangent_kernel(self.model, self._kernel_x, memory_budget=self.memory_budget)
         eps = float(torch.finfo(self.w0.dtype).eps)
         found = spectrum(kernel, input_precision=eps)
         record.lambda_min, record.lambda_max = lambda_min_within_precision(found), found.lambda_max

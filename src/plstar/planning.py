@@ -17,6 +17,7 @@ from torch import Tensor
 from plstar import structured
 from plstar.errors import PlstarInputError
 from plstar.functional import FunctionalModel
+from plstar.validation import choice, floating_dtype, whole_number
 
 Implementation = Literal["auto", "structured", "jacobian", "ntvp"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "structured", "jacobian", "ntvp")
@@ -101,6 +102,10 @@ def plan_kernel(
     columns. Sizes are measured on the first samples (``probe``: a :func:`structured.probe` already
     made, reused), so the plan fits any module.
     """
+    implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
+    dtype = floating_dtype("dtype", dtype)
+    memory_budget = whole_number("memory_budget", memory_budget, minimum=1)
+    n2 = whole_number("n2", n2, minimum=1)
     n, k, m = x.shape[0], fmodel.k, fmodel.m
     itemsize = torch.empty((), dtype=dtype).element_size()
     model_itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
@@ -163,6 +168,4 @@ def plan_kernel(
         return KernelPlan(
             implementation, int(row), int(col), int(planned), memory_budget, result_bytes
         )
-    raise PlstarInputError(
-        f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}"
-    )
+    raise AssertionError(f"unplanned implementation {implementation!r}")

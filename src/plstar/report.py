@@ -1,10 +1,12 @@
 """Human- and machine-readable renderings of results: rich tables and JSON files.
 
-Nothing here computes: it formats what the core returned.
+Nothing here computes: it formats what the core returned, writes files atomically, and checks
+output paths before a command starts its work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from plstar.conditions import Analysis
+from plstar.errors import PlstarInputError
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -77,16 +80,22 @@ def analysis_table(a: Analysis, *, title: str = "plstar analyze") -> Table:
 
 def write_bytes(path: str | Path, content: bytes) -> Path:
     """Write bytes atomically (temp file + rename), so a crash never leaves half a file; the file
-    gets the permissions of any file the user creates (mkstemp alone makes it 0600)."""
+    gets the permissions of any file the user creates (mkstemp alone makes it 0600). Whatever
+    stops the write, Ctrl-C included, the temporary file is removed and the old file kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -94,3 +103,53 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write JSON atomically (:func:`write_bytes`)."""
     text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
     return write_bytes(path, text.encode("utf-8"))
+
+
+def _probe(folder: Path, option: str, path: Path) -> None:
+    """Create and delete a file in ``folder``: the one honest test that a write will succeed
+    (permission bits say nothing for root, read-only mounts, ACLs or quotas)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".plstar-probe-")
+    except OSError as error:
+        raise PlstarInputError(
+            f"{option} {path}: cannot create files in {folder} ({error.strerror or error}); "
+            "choose a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Refuse, before any work, an output file that could not be written: a folder, a path in a
+    missing folder, a folder without write access. PlstarInputError names ``option``."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlstarInputError(
+            f"{option} {path} is a folder; give a file name, e.g. {path / 'analysis.json'}"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise PlstarInputError(f"{option} {path}: {folder} {what}; create the folder first")
+    _probe(folder, option, path)
+    return path
+
+
+def check_output_folder(path: str | Path, option: str, files: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work, an output folder that could not be filled: an existing file, a
+    path through a file, no write access, or one of ``files`` (the names the command writes)
+    existing there as a folder. A missing folder is fine (it is created when results come)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PlstarInputError(f"{option} {path} is a file, not a folder; choose a folder name")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PlstarInputError(f"{option} {path}: {existing} is a file, not a folder")
+    _probe(existing, option, path)
+    for name in files:
+        if (path / name).is_dir():
+            raise PlstarInputError(
+                f"{option} {path}: {path / name} is a folder, where a result file goes; "
+                f"choose another {option} or move it"
+            )
+    return path

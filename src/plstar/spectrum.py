@@ -4,7 +4,7 @@ Two solvers behind one entry point, :func:`spectrum`:
 
 * dense: LAPACK ``syevd`` through ``torch.linalg.eigvalsh`` on a float64 copy. Backward stable, so each
   computed eigenvalue is exact for a matrix within ``size · eps₆₄ · ‖A‖`` of the input;
-* matrix-free: Lanczos with full reorthogonalisation (:func:`lanczos`), for operators that are only
+* matrix-free: Lanczos with full reorthogonalisation (:func:`plstar.lanczos.lanczos`), for operators that are only
   available through products. Its bound is the residual ‖A y − θ y‖ of the Ritz pair, recomputed
   explicitly at the end rather than trusted from the recurrence.
 
@@ -23,11 +23,14 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
-from scipy.sparse.linalg import LinearOperator
+from scipy import sparse as sp_sparse
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
 from torch import Tensor
 
 from plstar.errors import PlstarInputError
+from plstar.lanczos import lanczos
+from plstar.validation import choice, positive_tolerance, real_number, whole_number
+from plstar.validation import seed as check_seed
 
 Which = Literal["both", "min", "max"]
 EPS64 = float(np.finfo(np.float64).eps)
@@ -83,121 +86,18 @@ class Spectrum:
         return math.inf if self.is_singular else self.lambda_max / self.lambda_min
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON: ``lambda_min`` as plstar reports it (0.0 when zero within
+        precision), the solver's own value in ``lambda_min_raw``."""
         out = asdict(self)
         both = self.lambda_min is not None and self.lambda_max is not None
+        singular = self.is_singular if self.lambda_min is not None else None
+        out["lambda_min_raw"] = self.lambda_min
+        if singular:
+            out["lambda_min"] = 0.0
         out["error_bound"] = self.error_bound
-        out["is_singular"] = self.is_singular if self.lambda_min is not None else None
+        out["is_singular"] = singular
         out["condition_number"] = self.condition_number if both else None
         return out
-
-
-@dataclass(frozen=True)
-class LanczosResult:
-    """Extreme Ritz values of B independent operators; residuals are explicit ‖A y − θ y‖."""
-
-    theta_min: Tensor  # (B,)
-    theta_max: Tensor  # (B,)
-    residual_min: Tensor  # (B,)
-    residual_max: Tensor  # (B,)
-    vector_max: Tensor  # (B, N) unit Ritz vectors of theta_max
-    iterations: int
-
-
-def _extreme_ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    theta, s = eigh_tridiagonal(np.asarray(alphas), np.asarray(betas[: len(alphas) - 1]))
-    return theta, s
-
-
-def lanczos(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
-    batch: int = 1,
-    *,
-    v0: Tensor | None = None,
-    max_iter: int = 100,
-    tol: float = 1e-8,
-    seed: int = 0,
-    converge: Literal["both", "max"] = "both",
-) -> LanczosResult:
-    """Lanczos with full reorthogonalisation on ``batch`` independent symmetric operators at once.
-
-    ``matvec`` maps V (B, N) to (A_b v_b)_b, also (B, N); everything here is float64. Stops when both
-    extreme Ritz values (only the largest with ``converge="max"``) of every operator have relative
-    residual ≤ ``tol`` (estimated by the
-    recurrence), on breakdown (an exact invariant subspace), or after ``max_iter`` products. The
-    residuals ‖A y − θ y‖ are then formed from the stored products A q_j, so they cost no product.
-    Memory: 2 · max_iter · B · N float64 (the basis and its images).
-    """
-    if dim < 1 or batch < 1:
-        raise PlstarInputError(f"lanczos needs dim ≥ 1 and batch ≥ 1, got {dim}, {batch}")
-    max_iter = max(1, min(max_iter, dim))
-    generator = torch.Generator().manual_seed(seed)
-    q = (
-        v0.to(torch.float64).reshape(batch, dim).clone()
-        if v0 is not None
-        else torch.randn(batch, dim, generator=generator, dtype=torch.float64)
-    )
-    q /= q.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    basis = torch.empty(max_iter, batch, dim, dtype=torch.float64)  # filled in place, never copied
-    # The products A q_j are kept too: a Ritz vector's image is then a combination of them, and
-    # its residual is exact without spending another product.
-    images = torch.empty(max_iter, batch, dim, dtype=torch.float64)
-    alphas: list[list[float]] = [[] for _ in range(batch)]
-    betas: list[list[float]] = [[] for _ in range(batch)]
-    active = torch.ones(batch, dtype=torch.bool)
-    scale = torch.zeros(batch, dtype=torch.float64)
-    used = 0
-    for j in range(max_iter):
-        basis[j] = q
-        used = j + 1
-        w = matvec(q).to(torch.float64).reshape(batch, dim)
-        images[j] = w
-        alpha = (q * w).sum(dim=1)
-        previous = basis[:used]
-        norm_before = w.norm(dim=1)
-        # Full reorthogonalisation, repeated only when cancellation was severe (the DGKS test):
-        # each pass reads the whole basis, which dominates the cost for large operators.
-        for _ in range(2):
-            w -= torch.einsum("jb,jbn->bn", torch.einsum("jbn,bn->jb", previous, w), previous)
-            beta = w.norm(dim=1)
-            if bool((beta >= 0.7 * norm_before).all()):
-                break
-            norm_before = beta
-        scale = torch.maximum(scale, alpha.abs() + beta)
-        converged_all = True
-        for b in range(batch):
-            if not active[b]:
-                continue
-            alphas[b].append(float(alpha[b]))
-            betas[b].append(float(beta[b]))
-            broke_down = float(beta[b]) <= 1e-13 * float(scale[b]) or float(beta[b]) == 0.0
-            theta, s = _extreme_ritz(alphas[b], betas[b])
-            top = max(abs(theta[0]), abs(theta[-1]), 1e-300)
-            last_row = abs(s[-1, -1]) if converge == "max" else max(abs(s[-1, 0]), abs(s[-1, -1]))
-            est = float(beta[b]) * last_row
-            if broke_down or est <= tol * top:
-                active[b] = False
-            else:
-                converged_all = False
-        if converged_all:
-            break
-        q = torch.where(active[:, None], w / beta.clamp_min(1e-300)[:, None], torch.zeros_like(w))
-    vec_max = torch.zeros(batch, dim, dtype=torch.float64)
-    theta_min = torch.zeros(batch, dtype=torch.float64)
-    theta_max = torch.zeros(batch, dtype=torch.float64)
-    residual_min = torch.zeros(batch, dtype=torch.float64)
-    residual_max = torch.zeros(batch, dtype=torch.float64)
-    for b in range(batch):
-        theta, s = _extreme_ritz(alphas[b], betas[b])
-        length = len(alphas[b])
-        coeff = torch.from_numpy(np.ascontiguousarray(s[:, [0, -1]]))
-        ritz = basis[:length, b, :].T @ coeff  # (N, 2) unit Ritz vectors
-        image = images[:length, b, :].T @ coeff  # their images A y
-        theta_min[b], theta_max[b] = float(theta[0]), float(theta[-1])
-        residual_min[b] = (image[:, 0] - theta_min[b] * ritz[:, 0]).norm()
-        residual_max[b] = (image[:, 1] - theta_max[b] * ritz[:, 1]).norm()
-        vec_max[b] = ritz[:, 1]
-    return LanczosResult(theta_min, theta_max, residual_min, residual_max, vec_max, iterations=used)
 
 
 DENSE_EIGVALSH_LIMIT = 3_000
@@ -298,23 +198,68 @@ def _cholesky_lanczos(
 
 def _as_batched_matvec(operator: Any) -> tuple[Callable[[Tensor], Tensor], int]:
     shape = getattr(operator, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+    if (
+        shape is None
+        or len(shape) != 2
+        or shape[0] != shape[1]
+        or not callable(getattr(operator, "__matmul__", None))
+    ):
         raise PlstarInputError(
-            "spectrum takes a square Tensor, a plstar KernelOperator, or a scipy LinearOperator; "
-            f"got {type(operator).__name__} with shape {shape}"
+            "spectrum takes a square Tensor or numpy array, a plstar KernelOperator, or a scipy "
+            f"LinearOperator or sparse matrix; got {type(operator).__name__} with shape {shape}"
         )
     size = int(shape[0])
+    if size == 0:
+        raise PlstarInputError("spectrum of an empty (0 × 0) operator: there are no eigenvalues")
     if isinstance(operator, LinearOperator):
+        if np.iscomplexobj(np.empty(0, dtype=operator.dtype)):
+            raise PlstarInputError(f"spectrum takes real symmetric operators, got {operator.dtype}")
 
-        def product(v: Tensor) -> Tensor:  # scipy LinearOperator: columns are vectors
-            out = operator.matmat(v.T.numpy())
-            return torch.as_tensor(np.asarray(out), dtype=torch.float64).T
+        def raw(v: Tensor) -> Any:  # scipy LinearOperator: columns are vectors
+            return np.asarray(operator.matmat(v.T.numpy())).T
     else:
 
-        def product(v: Tensor) -> Tensor:
-            return (operator @ v.T).to(torch.float64).T
+        def raw(v: Tensor) -> Any:
+            return (operator @ v.T).T
+
+    def product(v: Tensor) -> Tensor:
+        out = torch.as_tensor(raw(v))
+        if out.is_complex() or tuple(out.shape) != tuple(v.shape):
+            raise PlstarInputError(
+                f"the operator mapped {v.shape[1]} × {v.shape[0]} columns to a {out.dtype} result "
+                f"of shape {tuple(out.T.shape)}; a symmetric operator must return real "
+                f"({size}, b) products"
+            )
+        return out.to(torch.float64)
 
     return product, size
+
+
+def _as_matrix(matrix: Any) -> Tensor | None:
+    """A real square matrix as a Tensor (numpy arrays converted), None for an operator."""
+    if isinstance(matrix, np.ndarray):
+        if matrix.dtype.kind not in "biuf":
+            raise PlstarInputError(
+                f"spectrum takes a real symmetric matrix, got a numpy array of dtype {matrix.dtype}"
+            )
+        matrix = torch.from_numpy(np.ascontiguousarray(matrix))
+    if not isinstance(matrix, Tensor):
+        return None
+    if matrix.is_complex():
+        raise PlstarInputError(
+            f"spectrum takes real symmetric matrices (a tangent kernel is real), got {matrix.dtype}"
+            "; for a complex Hermitian H, pass the real matrix [[Re H, -Im H], [Im H, Re H]]"
+        )
+    if matrix.layout != torch.strided or matrix.is_meta:
+        raise PlstarInputError(
+            f"spectrum takes a dense matrix with data, got a {matrix.layout} tensor on "
+            f"{matrix.device}; pass matrix.to_dense() or wrap it as a scipy LinearOperator"
+        )
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise PlstarInputError(f"spectrum needs a square matrix, got shape {tuple(matrix.shape)}")
+    if matrix.shape[0] == 0:
+        raise PlstarInputError("spectrum of an empty (0 × 0) matrix: there are no eigenvalues")
+    return matrix
 
 
 def spectrum(
@@ -329,29 +274,43 @@ def spectrum(
 ) -> Spectrum:
     """Extreme eigenvalues of a symmetric PSD matrix (e.g. a tangent kernel) with error bounds.
 
-    Shapes: a Tensor (N, N) is solved densely (cost N³, memory 2·N² float64); an operator with
-    ``shape`` and ``@`` (plstar's KernelOperator, or a scipy LinearOperator) by Lanczos (cost up to
-    ``max_iter`` products, memory ``max_iter · N`` float64). ``input_precision`` is the unit roundoff of
-    the computation that produced the input (defaults to that of its dtype; pass
-    ``torch.finfo(torch.float32).eps`` for a kernel built from float32 Jacobians).
+    Shapes: a real Tensor or numpy array (N, N) is solved densely (cost N³, memory 2·N²
+    float64); an operator with ``shape`` and ``@`` (plstar's KernelOperator, a scipy
+    LinearOperator or sparse matrix) by Lanczos (cost up to ``max_iter`` products, memory
+    ``max_iter · N`` float64). ``input_precision`` (≥ 0) is the unit roundoff of the computation
+    that produced the input (defaults to that of its dtype; pass ``torch.finfo(torch.float32).eps``
+    for a kernel built from float32 Jacobians). Raises PlstarInputError for complex, empty,
+    non-square or non-finite input and for unknown ``which``/``method`` values.
     """
-    if which not in ("both", "min", "max"):
-        raise PlstarInputError(f"which must be 'both', 'min' or 'max', got {which!r}")
-    if isinstance(matrix_or_operator, Tensor) and method != "lanczos":
+    which = choice("which", which, ("both", "min", "max"))  # type: ignore[assignment]
+    method = choice("method", method, ("auto", "dense", "lanczos"))  # type: ignore[assignment]
+    if input_precision is not None:
+        input_precision = real_number("input_precision", input_precision, minimum=0.0)
+        if input_precision >= 1:
+            raise PlstarInputError(f"input_precision is a unit roundoff < 1, got {input_precision}")
+    tol = positive_tolerance("tol", tol)
+    max_iter = whole_number("max_iter", max_iter, minimum=1)
+    seed = check_seed(seed)
+    if sp_sparse.issparse(matrix_or_operator):
+        matrix_or_operator = aslinearoperator(matrix_or_operator)
+    matrix = _as_matrix(matrix_or_operator)
+    if matrix is not None and method != "lanczos":
         eps_in = (
             input_precision
             if input_precision is not None
-            else float(torch.finfo(matrix_or_operator.dtype).eps)
-            if matrix_or_operator.is_floating_point()
+            else float(torch.finfo(matrix.dtype).eps)
+            if matrix.is_floating_point()
             else EPS64
         )
-        return _dense(matrix_or_operator, which, eps_in, seed)
-    if isinstance(matrix_or_operator, Tensor):
-        dense = matrix_or_operator.to(torch.float64)
+        return _dense(matrix, which, eps_in, seed)
+    if matrix is not None:
+        dense = matrix.to(torch.float64)
+        if not bool(torch.isfinite(dense).all()):
+            raise PlstarInputError("the matrix has NaN or Inf entries")
         matvec, size = (lambda v: (dense @ v.T).T), dense.shape[0]
     else:
         if method == "dense":
-            raise PlstarInputError("method='dense' needs a Tensor; pass the assembled matrix")
+            raise PlstarInputError("method='dense' needs a matrix; pass the assembled matrix")
         matvec, size = _as_batched_matvec(matrix_or_operator)
     eps_in = input_precision if input_precision is not None else EPS64
     result = lanczos(matvec, size, 1, max_iter=max_iter, tol=tol, seed=seed)

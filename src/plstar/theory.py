@@ -25,6 +25,7 @@ from plstar.theory_sgd import (
     sgd_saturation_batch_size,
     sgd_step_size,
 )
+from plstar.validation import choice as _choice
 from plstar.validation import clip01 as _clip01
 from plstar.validation import real_number as _real
 from plstar.validation import whole_number as _int
@@ -188,12 +189,13 @@ def kernel_lower_bound_on_ball(
     eps = _real("hessian_norm", hessian_norm, minimum=0.0)
     radius = _real("radius", radius, minimum=0.0)
     nk = _int("n_outputs", n_outputs, minimum=1)
+    form = _choice("form", form, ("sharp", "paper"))  # type: ignore[assignment]
+    if lipschitz is not None:
+        lipschitz = _real("lipschitz", lipschitz, minimum=0.0)
     delta = math.sqrt(nk) * eps * radius
     if form == "sharp":  # (√λ₀ − δ)², expanded so that δ = 0 returns λ₀ exactly
         root = math.sqrt(lambda0)
         return 0.0 if delta >= root else max(0.0, lambda0 - delta * (2.0 * root - delta))
-    if form != "paper":
-        raise PlstarInputError(f"form must be 'sharp' or 'paper', got {form!r}")
     if lipschitz is None:
         raise PlstarInputError("form='paper' needs lipschitz (a bound on ‖DF‖₂ on the ball)")
     lip = _real("lipschitz", lipschitz, minimum=0.0)

@@ -10,6 +10,7 @@ import math
 from typing import Literal
 
 from plstar.errors import PlstarInputError
+from plstar.validation import choice as _choice
 from plstar.validation import clip01 as _clip01
 from plstar.validation import real_number as _real
 from plstar.validation import whole_number as _int
@@ -106,8 +107,7 @@ def sgd_radius(
     delta = _real("failure_probability", failure_probability, minimum=0.0, strict=True)
     if delta > 1.0:
         raise PlstarInputError(f"failure_probability must be in (0, 1], got {delta}")
-    if form not in ("sharp", "paper"):
-        raise PlstarInputError(f"form must be 'sharp' or 'paper', got {form!r}")
+    form = _choice("form", form, ("sharp", "paper"))  # type: ignore[assignment]
     if mu <= 0.0:
         return math.inf
     scale = math.sqrt(n) if form == "sharp" else float(n)

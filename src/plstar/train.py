@@ -15,6 +15,7 @@ the loop being measured, and must cost what a user's own loop costs.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,9 @@ from plstar.curvature import LossGradient, flat, loss_sharpness
 from plstar.errors import PlstarInputError
 from plstar.functional import ProgressCallback, make_functional
 from plstar.monitor import Monitor, Reference, reference_point
+from plstar.validation import callback, choice, describe, real_number, whole_number
+from plstar.validation import memory_budget as check_budget
+from plstar.validation import seed as check_seed
 
 Method = Literal["gd", "sgd"]
 SGD_FAILURE_PROBABILITY = 0.05
@@ -97,27 +101,32 @@ def check_arguments(
 
     Raises PlstarInputError naming the argument; cheap, so callers may check before any setup.
     """
-    if method not in ("gd", "sgd"):
-        raise PlstarInputError(f"method must be 'gd' or 'sgd', got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise PlstarInputError(f"steps must be an integer ≥ 1, got {steps!r}")
-    bad_number = isinstance(lr, bool) or not isinstance(lr, int | float | str)
-    if lr != "theory" and (bad_number or isinstance(lr, str) or not (math.isfinite(lr) and lr > 0)):
-        raise PlstarInputError(f"lr must be 'theory' or a finite number > 0, got {lr!r}")
-    if eps is not None and not (math.isfinite(eps) and eps > 0):
-        raise PlstarInputError(f"eps must be finite and > 0, got {eps!r}")
-    if recheck_every is not None and (isinstance(recheck_every, bool) or recheck_every < 1):
-        raise PlstarInputError(f"recheck_every must be ≥ 1, got {recheck_every!r}")
+    choice("method", method, ("gd", "sgd"))
+    whole_number("steps", steps, minimum=1)
+    if not (isinstance(lr, str) and lr == "theory"):
+        if isinstance(lr, str | bool) or not isinstance(lr, numbers.Real):
+            raise PlstarInputError(f"lr must be 'theory' or a number > 0, got {describe(lr)}")
+        real_number("lr", lr, minimum=0.0, strict=True)
+    if eps is not None:
+        real_number("eps", eps, minimum=0.0, strict=True)
+    if recheck_every is not None:
+        whole_number("recheck_every", recheck_every, minimum=1)
     if method == "gd":
-        if batch_size not in (None, n):
+        if batch_size is not None and not (_is_integer(batch_size) and int(batch_size) == n):
             raise PlstarInputError(
                 f"batch_size applies to method='sgd'; GD uses all n = {n} samples"
             )
         return n
     b = min(n, 32) if batch_size is None else batch_size
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
-        raise PlstarInputError(f"batch_size must be an integer in 1..n = {n}, got {batch_size!r}")
-    return b
+    if not _is_integer(b) or not 1 <= int(b) <= n:
+        raise PlstarInputError(
+            f"batch_size must be an integer in 1..n = {n}, got {describe(batch_size)}"
+        )
+    return int(b)
+
+
+def _is_integer(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _unflat(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -157,12 +166,21 @@ def train(
     :func:`per_sample_smoothness`. Raises PlstarInputError for an unknown method, steps < 1,
     lr ≤ 0, batch_size outside 1..n (or given for GD), eps ≤ 0, or a monitor for other parameters.
     """
-    fmodel = make_functional(model, x)
+    seed, memory_budget = check_seed(seed), check_budget(memory_budget)
+    if hessian_outputs is not None:
+        hessian_outputs = whole_number("hessian_outputs (None for all)", hessian_outputs, minimum=1)
+    callback("progress", progress)
+    if monitor is not None and not isinstance(monitor, Monitor):
+        raise PlstarInputError(f"monitor must be a plstar.Monitor, got {type(monitor).__name__}")
+    fmodel = make_functional(model, x, memory_budget=memory_budget)
     n, m = x.shape[0], fmodel.m
     b = check_arguments(method, steps, lr, batch_size, n, eps, recheck_every)
     objective = LossGradient(model, x, y, memory_budget=memory_budget)
     if monitor is not None:
-        monitor.check_start(model, n)
+        monitor.check_start(model, x, objective.y)
+    if objective.loss() == 0.0:
+        return _at_global_minimum(method, lr, steps, n, m, b, monitor)
+    if monitor is not None:
         ref: Reference = monitor.reference
     else:
         ref = reference_point(model, x, objective.y, seed=seed, memory_budget=memory_budget,
@@ -227,6 +245,25 @@ def train(
     if result.interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _at_global_minimum(
+    method: str, lr: str | float, steps: int, n: int, m: int, b: int, monitor: Monitor | None
+) -> TrainResult:
+    """The run that starts where L = 0: no step (∇L = 0), said so in the verdict."""
+    mu = beta = math.nan
+    if monitor is not None:
+        mu, beta = monitor.reference.mu, monitor.reference.beta
+    return TrainResult(
+        method=method, lr_mode="theory" if lr == "theory" else "fixed", steps=0,
+        steps_requested=steps, interrupted=False, n=n, m=m, batch_size=b, loss0=0.0,
+        final_loss=0.0, mu=mu, beta=beta, per_sample_smoothness=None, step_size=0.0,
+        final_step_size=0.0, rate=math.nan, radius=0.0, saturation_batch_size=None, eps=0.0,
+        first_below_eps=0, pl_eps_bound=0.0, max_distance=0.0, max_envelope_ratio=math.nan,
+        seconds=0.0, losses=[0.0],
+        verdict=["L(w₀) = 0: the model interpolates y at w₀, a global minimum of L; ∇L(w₀) = 0, "
+                 "so no step was taken and there is nothing to train."],
+    )  # fmt: skip
 
 
 def _loop(

@@ -7,50 +7,90 @@ and writes. Other ranks print nothing but their own error, if any.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import plstar
 from plstar import report
 from plstar.cli.common import (
-    DType,
-    OptActivation,
-    OptData,
-    OptDepth,
-    OptDtype,
-    OptModel,
-    OptN,
-    OptOutputs,
-    OptParameterization,
-    OptScaling,
-    OptTarget,
-    OptWidth,
-    Parameterization,
+    Interrupted,
     ProgressBars,
-    Scaling,
-    app,
     build_model,
+    check_problem_options,
     console,
-    errors,
+    hessian_outputs,
     load_problem,
-    parse_bytes,
+    say_error,
     versions,
-)  # fmt: skip
+)
+from plstar.cli.options import add_command, add_problem_options, positive_number
 from plstar.errors import PlstarInputError
 from plstar.models import describe_model
+from plstar.planning import IMPLEMENTATIONS
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+SUMMARY = "Measure K(w₀), its spectrum, β, ρ, ‖H_F‖ and the GD theorem's R, step and rate."
 
 
-def _join_process_group(backend: str, timeout: float, store: str) -> tuple[int, int, torch.device]:
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``plstar analyze`` and its options."""
+    parser = add_command(commands, "analyze", SUMMARY, run)
+    add_problem_options(
+        parser, seed_use="the data subset, weights and solvers", hessian_outputs=16,
+        hessian_help="Outputs examined for ‖H_F‖ (0 = all).",
+    )  # fmt: skip
+    group = parser.add_argument_group("measurement")
+    group.add_argument("--implementation", choices=IMPLEMENTATIONS, default="auto",
+                       help="Kernel implementation.")  # fmt: skip
+    group.add_argument("--target-loss", type=positive_number, metavar="LOSS",
+                       help="Target loss for the step count (default 1e-6·L₀).")  # fmt: skip
+    group.add_argument("--json", type=Path, dest="json_path", metavar="FILE",
+                       help="Also write every figure to this JSON file.")  # fmt: skip
+    group = parser.add_argument_group("distributed (under torchrun)")
+    group.add_argument(
+        "--distributed", action="store_true",
+        help="Under torchrun: K and its spectrum across the ranks; rank 0 prints. Launch with "
+        "torchrun --nproc-per-node N -m plstar analyze --distributed --samples N ...",
+    )  # fmt: skip
+    group.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                       help="With --distributed: auto (nccl if CUDA, else gloo), gloo or nccl.")  # fmt: skip
+    group.add_argument("--timeout", type=positive_number, default=1800.0, metavar="SECONDS",
+                       help="With --distributed: seconds before a silent rank fails the others.")  # fmt: skip
+    group.add_argument(
+        "--store", choices=("rows", "features"), default="rows",
+        help="With --distributed: rows (each rank keeps its rows of K) or features (only its "
+        "samples' features; no K).",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check every option, then measure; Ctrl-C ends with what was written."""
+    check_problem_options(args)
+    # Only rank 0 writes; another node's file system need not have the folder.
+    writes = args.json_path is not None and os.environ.get("RANK", "0") == "0"
+    if writes:
+        report.check_output_file(args.json_path, "--json")
+    written: list[Path] = []
+    try:
+        if args.distributed:
+            _run_distributed(args, written)
+        else:
+            _analyze(args, written)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"{written[0]} was written" if written else "nothing was written"
+        ) from None
+
+
+def _join_process_group(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """(rank, world size, device) after joining the group torchrun's environment describes."""
     from plstar import distributed
 
@@ -60,97 +100,54 @@ def _join_process_group(backend: str, timeout: float, store: str) -> tuple[int, 
             f"--distributed needs torchrun's environment ({', '.join(missing)} unset): launch with "
             "torchrun --nproc-per-node N -m plstar analyze --distributed ..."
         )
-    if backend not in ("auto", "gloo", "nccl"):
-        raise PlstarInputError(f"--backend must be auto, gloo or nccl, not {backend!r}")
-    if store not in ("rows", "features"):
-        raise PlstarInputError(f"--store must be rows or features, not {store!r}")
     device = distributed.init(
-        backend,
-        timeout=timeout,
+        args.backend,
+        timeout=args.timeout,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),  # type: ignore[arg-type]
     )
     return distributed.dist.get_rank(), distributed.dist.get_world_size(), device
 
 
-@app.command()
-def analyze(
-    n: OptN = None,
-    width: OptWidth = 512,
-    depth: OptDepth = 3,
-    activation: OptActivation = "tanh",
-    parameterization: OptParameterization = Parameterization.ntk,
-    outputs: OptOutputs = 1,
-    seed: Annotated[int, typer.Option(help="Seed for the data subset, weights and solvers.")] = 0,
-    dtype: OptDtype = DType.float64,
-    data: OptData = None,
-    target: OptTarget = None,
-    scaling: OptScaling = Scaling.auto,
-    model: OptModel = None,
-    implementation: Annotated[str, typer.Option(help="Kernel implementation: auto, structured, jacobian, ntvp.")] = "auto",
-    hessian_outputs: Annotated[int, typer.Option(help="Outputs examined for ‖H_F‖ (0 = all).")] = 16,
-    target_loss: Annotated[float | None, typer.Option(help="Target loss for the step count (default 1e-6·L₀).")] = None,
-    memory_budget: Annotated[str | None, typer.Option(help="Working memory, e.g. 2GiB (default: ¼ of free RAM, ≤ 2 GiB).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
-    distributed: Annotated[bool, typer.Option("--distributed", help="Under torchrun: K and its spectrum across the ranks; rank 0 prints.")] = False,
-    backend: Annotated[str, typer.Option(help="With --distributed: auto (nccl if CUDA, else gloo), gloo or nccl.")] = "auto",
-    timeout: Annotated[float, typer.Option(help="With --distributed: seconds before a silent rank fails the others.")] = 1800.0,
-    store: Annotated[str, typer.Option(help="With --distributed: rows (each rank keeps its rows of K) or features (only its samples' features; no K).")] = "rows",
-) -> None:  # fmt: skip
-    """Measure K(w₀), its spectrum, β, ρ, ‖H_F‖ and the GD theorem's R, step and rate."""
-    options = dict(locals())
-    if not distributed:
-        _analyze(**options)
-        return
+def _run_distributed(args: argparse.Namespace, written: list[Path]) -> None:
     import torch.distributed as dist
 
     from plstar.distributed import DistributedError
 
-    rank, world, device = _join_process_group(backend, timeout, store)
+    rank, world, device = _join_process_group(args)
     try:
-        _analyze(**options, rank=rank, world=world, device=device)
+        _analyze(args, written, rank=rank, world=world, device=device)
     except DistributedError as error:
-        errors.print(f"[bold red]error[/] (rank {rank} of {world}): {error}")
+        say_error(f"error (rank {rank} of {world}): {error}")
         raise SystemExit(2 if error.input_error else 1) from None
     finally:
         dist.destroy_process_group()
 
 
 def _analyze(
-    *, n: int | None, width: int, depth: int, activation: str, parameterization: Parameterization,
-    outputs: int, seed: int, dtype: DType, data: Path | None, target: str | None, scaling: Scaling,
-    model: str | None, implementation: str, hessian_outputs: int, target_loss: float | None,
-    memory_budget: str | None, json_path: Path | None, distributed: bool, backend: str,
-    timeout: float, store: str, rank: int = 0, world: int = 1,
+    args: argparse.Namespace, written: list[Path], *, rank: int = 0, world: int = 1,
     device: torch.device | None = None,
 ) -> None:  # fmt: skip
-    """The command's body; with ``distributed`` every rank runs it and rank 0 speaks."""
+    """The command's body; with --distributed every rank runs it and rank 0 speaks."""
     say = console if rank == 0 else Console(quiet=True)
-    torch_dtype = getattr(torch, dtype.value)
     started = time.perf_counter()
-    dataset = load_problem(
-        data=data, target=target, n=n, outputs=outputs, seed=seed, scaling=scaling,
-        dtype=torch_dtype,
-    )  # fmt: skip
-    net = build_model(
-        model_spec=model, d=dataset.d, k=dataset.k, width=width, depth=depth,
-        activation=activation, parameterization=parameterization, seed=seed, dtype=torch_dtype,
-    )  # fmt: skip
+    dataset = load_problem(args)
+    net = build_model(args, dataset)
     x, y = dataset.x, dataset.y
-    if distributed:
+    if args.distributed:
         from plstar.distributed import broadcast_parameters
 
         net, x, y = net.to(device), x.to(device), y.to(device)
-        broadcast_parameters(net)  # a user's factory need not be seeded: rank 0's weights rule
+        broadcast_parameters(net)  # a user's factory may draw on other ranks' devices: rank 0 rules
     say.print(f"[bold]data[/]  {dataset.description}")
     say.print(
-        f"[bold]model[/] {describe_model(net)}; {parameterization.value} parameterization"
-        if model is None
-        else f"[bold]model[/] {describe_model(net)} (from {model})"
+        f"[bold]model[/] {describe_model(net)}; {args.parameterization} parameterization"
+        if args.model is None
+        else f"[bold]model[/] {describe_model(net)} (from {args.model})"
     )
     say.print(
-        f"[bold]dtype[/] model runs in {dtype.value}; kernels and spectra accumulate in float64"
+        f"[bold]dtype[/] model runs in {args.dtype}; kernels and spectra accumulate in float64"
     )
-    if distributed:
+    if args.distributed:
         say.print(
             f"[bold]ranks[/] {world} ({torch.distributed.get_backend()}): K and its spectrum "
             "distributed; L₀, ρ, β and ‖H_F‖ on rank 0"
@@ -163,17 +160,16 @@ def _analyze(
         ) if rank == 0 else nullcontext()
     )  # fmt: skip
     options: dict[str, Any] = {
-        "implementation": implementation, "target_loss": target_loss,
-        "hessian_outputs": hessian_outputs or None, "seed": seed,
-        "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
+        "implementation": args.implementation, "target_loss": args.target_loss,
+        "hessian_outputs": hessian_outputs(args), "seed": args.seed,
+        "memory_budget": args.memory_budget,
     }  # fmt: skip
     with bars_or_nothing as bars:
         progress = None if bars is None else ProgressBars(bars)
-        if distributed:
-            from plstar import distributed as across
+        if args.distributed:
+            from plstar import distributed
 
-            chosen: Any = store  # checked against rows/features at the start
-            result = across.analyze(net, x, y, progress=progress, store=chosen, **options)
+            result = distributed.analyze(net, x, y, progress=progress, store=args.store, **options)
         else:
             result = plstar.analyze(net, x, y, progress=progress, **options)
     if result is None:  # not rank 0
@@ -183,20 +179,20 @@ def _analyze(
         say.print(f"• {line}")
     elapsed = time.perf_counter() - started
     say.print(f"[dim]done in {elapsed:.1f} s[/]")
-    if json_path is not None:
+    if args.json_path is not None:
         payload = {
             "analysis": result.to_dict(),
             "config": {
                 "data": dataset.description, "scaling": dataset.scaling, "model": describe_model(net),
-                "model_source": model or "mlp", "width": width, "depth": depth,
-                "activation": activation, "parameterization": parameterization.value,
-                "outputs": dataset.k, "seed": seed, "dtype": dtype.value,
-                "implementation": implementation, "hessian_outputs": hessian_outputs,
+                "model_source": args.model or "mlp", "width": args.width, "depth": args.depth,
+                "activation": args.activation, "parameterization": args.parameterization,
+                "outputs": dataset.k, "seed": args.seed, "dtype": args.dtype,
+                "implementation": args.implementation, "hessian_outputs": args.hessian_outputs,
                 **({"distributed": {"ranks": world, "backend": torch.distributed.get_backend(),
-                                    "store": store}} if distributed else {}),
+                                    "store": args.store}} if args.distributed else {}),
             },
             "versions": versions(),
             "seconds": elapsed,
         }  # fmt: skip
-        report.write_json(json_path, payload)
-        say.print(f"wrote {json_path}")
+        written.append(report.write_json(args.json_path, payload))
+        say.print(f"wrote {args.json_path}")

@@ -1,79 +1,78 @@
-"""What every ``plstar`` command shares: the typer app, consoles, option types, data and model set-up."""
+"""What every ``plstar`` command shares: consoles, option checks, data and model set-up, progress.
+
+Options are checked in two steps, both before any computation: their own values by the parser's
+types (:mod:`plstar.cli.options`), combinations here (:func:`check_problem_options`); a --samples
+count against the data's size right after loading (:func:`load_problem`).
+"""
 
 from __future__ import annotations
 
-import re
+import argparse
 import sys
-from enum import Enum
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 from rich.console import Console
 from rich.progress import Progress
 
 import plstar
-from plstar.data import Dataset, load_digits, load_file
+from plstar.data import DIGITS_SIZE, Dataset, load_digits, load_file
 from plstar.errors import PlstarInputError
 from plstar.models import load_model_factory, mlp
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Measure and certify the PL* landscape of over-parameterized models (Liu, Zhu & Belkin).",
-)
+# soft_wrap: long lines (paths, verdicts) stay whole instead of breaking at 80 columns off a tty.
 console = Console(soft_wrap=True)
-errors = Console(stderr=True)
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    float64 = "float64"
+class Interrupted(Exception):  # noqa: N818  (a stop, not an error)
+    """Ctrl-C, caught by a command; the message says what was kept (printed after "interrupted: ")."""
 
 
-class Parameterization(str, Enum):
-    ntk = "ntk"
-    standard = "standard"
+def say_error(text: str) -> None:
+    """One line on stderr, whatever the terminal width and whatever newlines ``text`` holds."""
+    sys.stderr.write(" ".join(text.split()) + "\n")
+    sys.stderr.flush()
 
 
-class Scaling(str, Enum):
-    auto = "auto"
-    sphere = "sphere"
-    standardize = "standardize"
-    none = "none"
+def check_problem_options(args: argparse.Namespace) -> None:
+    """Refuse option combinations that would be silently ignored (PlstarInputError, option named)."""
+    if args.data is not None and args.outputs is not None:
+        raise PlstarInputError(
+            "--outputs applies to the digits only; with --data the file's y gives the outputs "
+            "(drop --outputs)"
+        )
+    if args.target is not None and args.data is None:
+        raise PlstarInputError("--target names a column of a --data FILE.csv; give --data too")
+    if args.target is not None and args.data.suffix.lower() != ".csv":
+        raise PlstarInputError(
+            f"--target applies to .csv files only; {args.data.name} stores y separately"
+        )
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-}
+def torch_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The --dtype option as a torch dtype."""
+    return {"float32": torch.float32, "float64": torch.float64}[args.dtype]
 
 
-def parse_bytes(text: str) -> int:
-    """'2GiB', '500MB', '1e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise PlstarInputError(f"cannot read memory size {text!r}; write e.g. 2GiB, 500MB or 1e9")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def load_problem(
-    *, data: Path | None, target: str | None, n: int | None, outputs: int, seed: int,
-    scaling: Scaling, dtype: torch.dtype,
-) -> Dataset:  # fmt: skip
-    """The embedded digits by default, else the user's file (a random subset of n if asked)."""
-    if data is None:
-        chosen = "sphere" if scaling == Scaling.auto else scaling.value
-        return load_digits(n, outputs=outputs, seed=seed, scaling=chosen, dtype=dtype)
-    chosen = "none" if scaling == Scaling.auto else scaling.value
-    dataset = load_file(data, target=target, scaling=chosen, dtype=dtype)
+def load_problem(args: argparse.Namespace) -> Dataset:
+    """The embedded digits by default, else the --data file (a seeded random subset of
+    --samples). Refuses a --samples count above the data's size, naming both sizes."""
+    n, seed, dtype = args.samples, args.seed, torch_dtype(args)
+    if args.data is None:
+        if n is not None and n > DIGITS_SIZE:
+            raise PlstarInputError(
+                f"--samples {n} exceeds the {DIGITS_SIZE} digits; give at most {DIGITS_SIZE}"
+            )
+        scaling = "sphere" if args.scaling == "auto" else args.scaling
+        outputs = 1 if args.outputs is None else args.outputs
+        return load_digits(n, outputs=outputs, seed=seed, scaling=scaling, dtype=dtype)
+    scaling = "none" if args.scaling == "auto" else args.scaling
+    dataset = load_file(args.data, target=args.target, scaling=scaling, dtype=dtype)
+    if n is not None and n > dataset.n:
+        raise PlstarInputError(
+            f"--samples {n} exceeds the {dataset.n} samples in {args.data.name}; give at most "
+            f"{dataset.n}, or omit --samples to use them all"
+        )
     if n is not None and n < dataset.n:
         index = torch.randperm(dataset.n, generator=torch.Generator().manual_seed(seed))[:n]
         return Dataset(
@@ -83,17 +82,20 @@ def load_problem(
     return dataset
 
 
-def build_model(
-    *, model_spec: str | None, d: int, k: int, width: int, depth: int, activation: str,
-    parameterization: Parameterization, seed: int, dtype: torch.dtype,
-) -> torch.nn.Module:  # fmt: skip
-    """The user's factory (cast to dtype) or an MLP with the given architecture."""
-    if model_spec is not None:
-        return load_model_factory(model_spec).to(dtype)
+def build_model(args: argparse.Namespace, dataset: Dataset) -> torch.nn.Module:
+    """The --model factory, called under --seed and cast to --dtype, or the default MLP."""
+    dtype = torch_dtype(args)
+    if args.model is not None:
+        return load_model_factory(args.model, seed=args.seed).to(dtype)
     return mlp(
-        d, width, depth, k, activation=activation, parameterization=parameterization.value,
-        generator_seed=seed, dtype=dtype,
+        dataset.d, args.width, args.depth, dataset.k, activation=args.activation,
+        parameterization=args.parameterization, generator_seed=args.seed, dtype=dtype,
     )  # fmt: skip
+
+
+def hessian_outputs(args: argparse.Namespace) -> int | None:
+    """--hessian-outputs as the API takes it: 0 means every output (None)."""
+    return args.hessian_outputs or None
 
 
 class ProgressBars:
@@ -118,29 +120,3 @@ def versions() -> dict[str, str]:
         "plstar": plstar.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
         "scipy": scipy.__version__, "python": sys.version.split()[0],
     }  # fmt: skip
-
-
-# Options shared by every command that builds a model and loads data.
-OptN = Annotated[int | None, typer.Option(help="Number of samples (default: all).")]
-OptWidth = Annotated[int, typer.Option(help="Hidden width of the default MLP.")]
-OptDepth = Annotated[int, typer.Option(help="Linear layers of the default MLP.")]
-OptActivation = Annotated[
-    str, typer.Option(help="tanh, relu, gelu, sigmoid, softplus, erf, identity.")
-]
-OptParameterization = Annotated[
-    Parameterization, typer.Option(help="Weight parameterization of the MLP.")
-]
-OptOutputs = Annotated[
-    int, typer.Option(help="Digits targets: 1 = ±1 parity, 10 = centred one-hot.")
-]
-OptDtype = Annotated[DType, typer.Option(help="Dtype the model runs in (spectra are float64).")]
-OptData = Annotated[
-    Path | None, typer.Option(help=".npz (x, y), .csv (target = last column) or .pt file.")
-]
-OptTarget = Annotated[str | None, typer.Option(help="CSV column to use as target.")]
-OptScaling = Annotated[
-    Scaling, typer.Option(help="Input scaling; auto = sphere for digits, none for files.")
-]
-OptModel = Annotated[
-    str | None, typer.Option("--model", help="FILE.py:factory returning an nn.Module.")
-]

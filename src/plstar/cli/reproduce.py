@@ -3,26 +3,50 @@
 Thin wiring of :func:`plstar.experiments.runner.reproduce` (runs, store, resume, pool) and
 :mod:`plstar.experiments.report_files` (report.html, report.md, results.json, PNGs) to a terminal.
 Exit codes: 0 every check passed; 1 a check failed or a run raised (after the report is written);
-2 bad input; 130 Ctrl-C (after the report of what finished is written).
+2 bad input; 130 Ctrl-C (after the report of what finished is written, unless Ctrl-C came again).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import shlex
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from plstar.cli.common import app, console, errors, versions
+from plstar import report
+from plstar.cli.common import Interrupted, console, say_error, versions
+from plstar.cli.options import add_command, integer
 from plstar.errors import PlstarInputError
 from plstar.experiments import runner
 from plstar.experiments.base import ExperimentResult
 from plstar.experiments.report_files import write_report
 from plstar.experiments.runner import OVERALL, RUN_PREFIX, check_request, worker_threads
+
+REPORT_FILES = ("report.html", "report.md", "results.json")
+SUMMARY = "Reproduce the paper's claims: run, check, draw and report every experiment."
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``plstar reproduce`` and its options."""
+    parser = add_command(commands, "reproduce", SUMMARY, run)
+    parser.add_argument("--quick", action="store_true",
+                        help="The CPU-minutes configurations (the test suite's).")  # fmt: skip
+    parser.add_argument("--only", metavar="1,3,5",
+                        help="Experiment numbers, e.g. 1,3,5 (default: all).")  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=Path("plstar-reproduce"), metavar="DIR",
+        help="Folder for report.html, report.md, results.json, figures/ and runs/.",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=integer(1), metavar="COUNT",
+                        help="Seeds per configuration (default 1 with --quick, else 3).")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                        help="Reuse the finished runs stored in --out.")  # fmt: skip
+    parser.add_argument("--jobs", type=integer(1), default=1, metavar="COUNT",
+                        help="Configurations run side by side in this many processes.")  # fmt: skip
 
 
 def parse_numbers(text: str | None) -> list[int] | None:
@@ -71,67 +95,77 @@ def _announce(result: ExperimentResult) -> None:
             )
 
 
-def _command(quick: bool, only: str | None, out: Path, seeds: int, resume: bool, jobs: int) -> str:
+def _command(args: argparse.Namespace, seeds: int) -> str:
     """The command line that reproduces this report (options spelled out, defaults included)."""
-    words = ["plstar", "reproduce"] + (["--quick"] if quick else [])
-    words += ["--only", only] if only else []
-    words += ["--out", str(out), "--seeds", str(seeds), "--jobs", str(jobs)]
-    return shlex.join(words + (["--resume"] if resume else []))
+    words = ["plstar", "reproduce"] + (["--quick"] if args.quick else [])
+    words += ["--only", args.only] if args.only else []
+    words += ["--out", str(args.out), "--seeds", str(seeds), "--jobs", str(args.jobs)]
+    return shlex.join(words + (["--resume"] if args.resume else []))
 
 
-@app.command()
-def reproduce(
-    quick: Annotated[bool, typer.Option("--quick", help="The CPU-minutes configurations (the test suite's).")] = False,
-    only: Annotated[str | None, typer.Option(help="Experiment numbers, e.g. 1,3,5 (default: all).")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for report.html, report.md, results.json, figures/ and runs/.")] = Path("plstar-reproduce"),
-    seeds: Annotated[int | None, typer.Option(help="Seeds per configuration (default 1 with --quick, else 3).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Reuse the finished runs stored in --out.")] = False,
-    jobs: Annotated[int, typer.Option(help="Configurations run side by side in this many processes.")] = 1,
-) -> None:  # fmt: skip
-    """Reproduce the paper's claims: run, check, draw and report every experiment."""
-    seeds = seeds if seeds is not None else (1 if quick else 3)
-    numbers = check_request(parse_numbers(only), seeds, jobs)
+def run(args: argparse.Namespace) -> None:
+    """Check the options and --out, run, write the report; Ctrl-C keeps every finished run."""
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    numbers = check_request(parse_numbers(args.only), seeds, args.jobs)
+    out = report.check_output_folder(args.out, "--out", REPORT_FILES)
+    for name in ("runs", "figures"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise PlstarInputError(f"--out {out}: {out / name} is a file where a folder goes")
     started = time.perf_counter()
     meta: dict[str, Any] = {
-        "command": _command(quick, only, out, seeds, resume, jobs),
+        "command": _command(args, seeds),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "quick": quick, "seeds": seeds, "jobs": jobs, "resume": resume,
-        "threads": worker_threads(jobs), "experiments": numbers, "versions": versions(),
+        "quick": args.quick, "seeds": seeds, "jobs": args.jobs, "resume": args.resume,
+        "threads": worker_threads(args.jobs), "experiments": numbers, "versions": versions(),
     }  # fmt: skip
     console.print(
         f"[bold]plstar reproduce[/] experiments {', '.join(map(str, numbers))}; "
-        f"{'quick' if quick else 'full'}, {seeds} seed(s), {jobs} job(s) → {out}"
+        f"{'quick' if args.quick else 'full'}, {seeds} seed(s), {args.jobs} job(s) → {out}"
     )
     columns = (
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
         TimeElapsedColumn(),
     )  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as bars:
-        outcome = runner.reproduce(
-            numbers, out=out, quick=quick, seeds=seeds, resume=resume, jobs=jobs,
-            progress=_Bars(bars), on_result=_announce,
-        )  # fmt: skip
-    meta["wall_seconds"] = time.perf_counter() - started
-    written = write_report(out, outcome, meta)
-    for text in outcome.failures:
-        errors.print(f"[bold red]error:[/] {text}")
-    for number, (done, total) in sorted(outcome.incomplete.items()):
-        errors.print(f"[yellow]experiment {number} not finished:[/] {done} of {total} runs on disk")
+    unreported = (
+        f"the report was not written; finished runs are in {out / 'runs'} (--resume reuses them)"
+    )
+    try:
+        with Progress(*columns, console=console, transient=True) as bars:
+            outcome = runner.reproduce(
+                numbers, out=out, quick=args.quick, seeds=seeds, resume=args.resume,
+                jobs=args.jobs, progress=_Bars(bars), on_result=_announce,
+            )  # fmt: skip
+        meta["wall_seconds"] = time.perf_counter() - started
+        written = write_report(out, outcome, meta)
+    except KeyboardInterrupt:
+        raise Interrupted(unreported) from None
+    try:
+        _finish(out, outcome, written)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the report is in {out / 'report.html'}") from None
+
+
+def _finish(out: Path, outcome: runner.Reproduction, written: dict[str, Path]) -> None:
     figures = sum(1 for name in written if name.startswith("figures/"))
     console.print(
         f"wrote {out}/report.html, report.md, results.json and {figures} figure(s) "
         f"({outcome.computed} runs computed, {outcome.reused} reused, {outcome.seconds:.1f} s)"
     )
+    for number, (done, total) in sorted(outcome.incomplete.items()):
+        console.print(
+            f"[yellow]experiment {number} not finished:[/] {done} of {total} runs on disk"
+        )
     if outcome.interrupted:
-        errors.print(
-            f"[yellow]interrupted:[/] finished runs are in {out}/runs; "
+        raise Interrupted(
+            f"finished runs are in {out / 'runs'} and reported in {out / 'report.html'}; "
             "run again with --resume to continue"
         )
-        raise SystemExit(130)
+    for text in outcome.failures:
+        say_error(f"error: {text}")
     if not outcome.passed:
         for result, check in outcome.failed_checks:
-            errors.print(
-                f"[bold red]FAILED[/] {result.number}. {result.title} — {check.name}: "
+            say_error(
+                f"FAILED {result.number}. {result.title} — {check.name}: "
                 f"measured {check.measured}, expected {check.expected}"
             )
         raise SystemExit(1)

@@ -1,64 +1,138 @@
-"""``plstar train``: GD/SGD with the theory's step size under the Monitor."""
+"""``plstar train``: GD/SGD with the theory's step size under the Monitor.
+
+The results folder (--out) is touched only once the run starts for real, at its first step:
+every refusal (options, data, model, the theory's own refusals at w₀) and a Ctrl-C during w₀'s
+measurements leave it exactly as it was. Then the earlier run's files are removed before anything
+is written, so the folder never mixes two runs.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Any
 
-import torch
-import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch import nn
 
 import plstar
 from plstar import report
 from plstar.cli.common import (
-    DType,
-    OptActivation,
-    OptData,
-    OptDepth,
-    OptDtype,
-    OptModel,
-    OptN,
-    OptOutputs,
-    OptParameterization,
-    OptScaling,
-    OptTarget,
-    OptWidth,
-    Parameterization,
-    Scaling,
-    app,
+    Interrupted,
     build_model,
+    check_problem_options,
     console,
-    errors,
+    hessian_outputs,
     load_problem,
-    parse_bytes,
     versions,
-)  # fmt: skip
+)
+from plstar.cli.options import (
+    add_command,
+    add_problem_options,
+    integer,
+    learning_rate,
+    positive_number,
+)
+from plstar.data import Dataset
 from plstar.errors import PlstarInputError
 from plstar.models import describe_model
 from plstar.train import check_arguments
 
-
-class Method(str, Enum):
-    gd = "gd"
-    sgd = "sgd"
+RESULT_FILES = ("metrics.jsonl", "config.json", "summary.json", "training.png")
+SUMMARY = "Train with the theory's step size, watching L, ρ, λ_min(K), drift and distance."
 
 
-def _metrics_writer(path: Path) -> tuple[Callable[[plstar.Record], None], Callable[[], None]]:
-    """(on_record, close): each record becomes one JSON line, flushed at once, so an interrupted or
-    killed run leaves every line up to the interruption complete and parseable."""
-    handle = path.open("w", encoding="utf-8")
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``plstar train`` and its options."""
+    parser = add_command(commands, "train", SUMMARY, run)
+    add_problem_options(
+        parser, seed_use="the data subset, weights, batches and solvers", hessian_outputs=4,
+        hessian_help="Outputs examined for ‖H_F‖ (SGD's per-sample β; 0 = all).",
+    )  # fmt: skip
+    group = parser.add_argument_group("training")
+    group.add_argument("--method", choices=("gd", "sgd"), default="gd",
+                       help="gd (full batch) or sgd (mini-batches).")  # fmt: skip
+    group.add_argument("--steps", type=integer(1), default=500, help="Optimizer steps.")
+    group.add_argument("--lr", type=learning_rate, default="theory", metavar="theory|ETA",
+                       help="'theory' (GD 1/β, SGD η*(b)) or a step size > 0.")  # fmt: skip
+    group.add_argument("--batch-size", type=integer(1), metavar="B",
+                       help="SGD batch size (default min(n, 32)).")  # fmt: skip
+    group.add_argument("--every", type=integer(1), default=100, metavar="STEPS",
+                       help="Steps between kernel and sharpness measurements.")  # fmt: skip
+    group.add_argument("--kernel-samples", type=integer(1), default=256, metavar="COUNT",
+                       help="Fixed subsample for the monitored kernel.")  # fmt: skip
+    group.add_argument("--eps", type=positive_number, metavar="LOSS",
+                       help="PL*_ε target loss (default 1e-6·L₀).")  # fmt: skip
+    group.add_argument(
+        "--out", type=Path, default=Path("plstar-train"), metavar="DIR",
+        help="Folder for metrics.jsonl, config.json, summary.json, training.png; an earlier "
+        "run's files there are replaced once training starts.",
+    )  # fmt: skip
 
-    def on_record(record: plstar.Record) -> None:
-        handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-        handle.flush()
 
-    return on_record, handle.close
+class _RunFolder:
+    """The results folder of one run, prepared at its first step (module docstring).
+
+    Monitor records arrive through :meth:`record`: buffered until the first step, then each is
+    one JSON line, flushed at once, so an interrupted or killed run leaves every line complete.
+    """
+
+    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+        self.out, self.config = out, config
+        self.pending: list[str] = []
+        self.handle: IO[str] | None = None
+        self.cleared = False
+        self.lines = 0
+        self.written: list[str] = []
+
+    def record(self, record: plstar.Record) -> None:
+        self.pending.append(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        if record.step >= 1:
+            self.start()
+
+    def start(self) -> None:
+        """Clear the earlier run's files, write config.json, flush the records so far."""
+        if not self.cleared:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in RESULT_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            self.cleared = True
+        if self.handle is None:
+            report.write_json(self.out / "config.json", self.config)
+            self.written.append("config.json")
+            self.handle = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
+        while self.pending:
+            self.handle.write(self.pending[0])
+            self.handle.flush()
+            self.pending.pop(0)
+            self.lines += 1
+
+    def finish(self, summary: dict[str, Any], monitor: plstar.Monitor, title: str) -> None:
+        """Close metrics.jsonl; write summary.json, then training.png."""
+        self.start()
+        assert self.handle is not None
+        self.handle.close()
+        report.write_json(self.out / "summary.json", summary)
+        self.written.append("summary.json")
+        monitor.plot(self.out / "training.png", title=title)
+        self.written.append("training.png")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+    def kept(self) -> str:
+        """What is in the folder now, for the line that ends an interrupted run."""
+        if not self.cleared:
+            return f"nothing was written ({self.out} untouched)"
+        if self.lines == 0:
+            return f"nothing was written (the earlier run's files in {self.out} were removed)"
+        text = f"steps 0–{self.lines - 1} kept in {self.out / 'metrics.jsonl'}"
+        final = [name for name in ("summary.json", "training.png") if name in self.written]
+        return f"{text}; {' and '.join(final)} written" if final else f"{text}; no summary written"
 
 
 def _train_table(result: plstar.TrainResult, monitor: plstar.Monitor) -> Table:
@@ -86,65 +160,50 @@ def _train_table(result: plstar.TrainResult, monitor: plstar.Monitor) -> Table:
     return table
 
 
-@app.command()
-def train(
-    n: OptN = None,
-    width: OptWidth = 512,
-    depth: OptDepth = 3,
-    activation: OptActivation = "tanh",
-    parameterization: OptParameterization = Parameterization.ntk,
-    outputs: OptOutputs = 1,
-    seed: Annotated[int, typer.Option(help="Seed for the data subset, weights, batches and solvers.")] = 0,
-    dtype: OptDtype = DType.float64,
-    data: OptData = None,
-    target: OptTarget = None,
-    scaling: OptScaling = Scaling.auto,
-    model: OptModel = None,
-    hessian_outputs: Annotated[int, typer.Option(help="Outputs examined for ‖H_F‖ (SGD's per-sample β).")] = 4,
-    memory_budget: Annotated[str | None, typer.Option(help="Working memory, e.g. 2GiB (default: ¼ of RAM, ≤ 2 GiB).")] = None,
-    method: Annotated[Method, typer.Option(help="gd (full batch) or sgd (mini-batches).")] = Method.gd,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
-    lr: Annotated[str, typer.Option(help="'theory' (GD 1/β, SGD η*(b)) or a number.")] = "theory",
-    batch_size: Annotated[int | None, typer.Option(help="SGD batch size (default min(n, 32)).")] = None,
-    every: Annotated[int, typer.Option(help="Steps between kernel and sharpness measurements.")] = 100,
-    kernel_samples: Annotated[int, typer.Option(help="Fixed subsample for the monitored kernel.")] = 256,
-    eps: Annotated[float | None, typer.Option(help="PL*_ε target loss (default 1e-6·L₀).")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for metrics.jsonl, config.json, summary.json, training.png.")] = Path("plstar-train"),
-) -> None:  # fmt: skip
-    """Train with the theory's step size, watching L, ρ, λ_min(K), drift and distance."""
-    torch_dtype = getattr(torch, dtype.value)
+def run(args: argparse.Namespace) -> None:
+    """Check everything that can be checked, train, then write the summary and the figure."""
+    check_problem_options(args)
+    if args.batch_size is not None and args.method != "sgd":
+        raise PlstarInputError("--batch-size applies to --method sgd; GD uses all samples")
+    report.check_output_folder(args.out, "--out", RESULT_FILES)
     started = time.perf_counter()
-    try:
-        step_size: str | float = "theory" if lr == "theory" else float(lr)
-    except ValueError:
-        raise PlstarInputError(f"--lr must be 'theory' or a number, got {lr!r}") from None
-    dataset = load_problem(
-        data=data, target=target, n=n, outputs=outputs, seed=seed, scaling=scaling,
-        dtype=torch_dtype,
-    )  # fmt: skip
-    net = build_model(
-        model_spec=model, d=dataset.d, k=dataset.k, width=width, depth=depth,
-        activation=activation, parameterization=parameterization, seed=seed, dtype=torch_dtype,
-    )  # fmt: skip
+    dataset = load_problem(args)
+    if args.batch_size is not None and args.batch_size > dataset.n:
+        raise PlstarInputError(
+            f"--batch-size {args.batch_size} exceeds the n = {dataset.n} samples; give at most "
+            f"{dataset.n}"
+        )
+    net = build_model(args, dataset)
+    # Every option was checked above under its own name; this only guards against drift.
+    check_arguments(args.method, args.steps, args.lr, args.batch_size, dataset.n, args.eps,
+                    args.every)  # fmt: skip
     console.print(f"[bold]data[/]  {dataset.description}")
     console.print(
-        f"[bold]model[/] {describe_model(net)} ({model or parameterization.value + ' MLP'})"
+        f"[bold]model[/] {describe_model(net)} ({args.model or args.parameterization + ' MLP'})"
     )
-    budget = parse_bytes(memory_budget) if memory_budget else None
-    # Refuse bad options now, not after the minutes that w₀'s measurements may take.
-    check_arguments(method.value, steps, step_size, batch_size, dataset.n, eps, every)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "command": "train", "data": dataset.description, "scaling": dataset.scaling,
-        "model": describe_model(net), "model_source": model or "mlp", "width": width,
-        "depth": depth, "activation": activation, "parameterization": parameterization.value,
-        "outputs": dataset.k, "n": dataset.n, "seed": seed, "dtype": dtype.value,
-        "method": method.value, "steps": steps, "lr": lr, "batch_size": batch_size,
-        "every": every, "kernel_samples": kernel_samples, "eps": eps,
-        "hessian_outputs": hessian_outputs, "versions": versions(),
+        "model": describe_model(net), "model_source": args.model or "mlp", "width": args.width,
+        "depth": args.depth, "activation": args.activation,
+        "parameterization": args.parameterization, "outputs": dataset.k, "n": dataset.n,
+        "seed": args.seed, "dtype": args.dtype, "method": args.method, "steps": args.steps,
+        "lr": args.lr, "batch_size": args.batch_size, "every": args.every,
+        "kernel_samples": args.kernel_samples, "eps": args.eps,
+        "hessian_outputs": args.hessian_outputs, "versions": versions(),
     }  # fmt: skip
-    report.write_json(out / "config.json", config)
-    on_record, close = _metrics_writer(out / "metrics.jsonl")
+    folder = _RunFolder(args.out, config)
+    try:
+        _train_and_report(args, dataset, net, folder, started)
+    except KeyboardInterrupt:
+        raise Interrupted(folder.kept()) from None
+    finally:
+        folder.close()
+
+
+def _train_and_report(
+    args: argparse.Namespace, dataset: Dataset, net: nn.Module, folder: _RunFolder, started: float
+) -> None:
+    """Monitor and train (Ctrl-C ends the steps, not the command), then write and print."""
     result, monitor, interrupted = None, None, False
     columns = (
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
@@ -154,11 +213,11 @@ def train(
         with Progress(*columns, console=console, transient=True) as bars:
             setup = bars.add_task("w₀: μ = λ_min(K), β", total=1, live="")
             monitor = plstar.Monitor(
-                net, dataset.x, dataset.y, every=every, kernel_samples=kernel_samples, seed=seed,
-                memory_budget=budget, on_record=on_record,
+                net, dataset.x, dataset.y, every=args.every, kernel_samples=args.kernel_samples,
+                seed=args.seed, memory_budget=args.memory_budget, on_record=folder.record,
             )  # fmt: skip
             bars.update(setup, visible=False)
-            task = bars.add_task("train", total=steps, live="")
+            task = bars.add_task("train", total=args.steps, live="")
 
             def live(phase: str, done: float, total: float) -> None:
                 assert monitor is not None
@@ -171,40 +230,29 @@ def train(
                 bars.update(task, completed=done, total=total, live=text)
 
             result = plstar.train(
-                net, dataset.x, dataset.y, method=method.value, steps=steps, lr=step_size,
-                batch_size=batch_size, monitor=monitor, eps=eps, hessian_outputs=hessian_outputs,
-                seed=seed, memory_budget=budget, progress=live,
+                net, dataset.x, dataset.y, method=args.method, steps=args.steps, lr=args.lr,
+                batch_size=args.batch_size, monitor=monitor, eps=args.eps,
+                hessian_outputs=hessian_outputs(args), seed=args.seed,
+                memory_budget=args.memory_budget, progress=live,
             )  # fmt: skip
     except plstar.TrainingInterrupted as stop:
         result, interrupted = stop.result, True
     except KeyboardInterrupt:
         interrupted = True
-    finally:
-        close()
-    elapsed = time.perf_counter() - started
+    if result is None or monitor is None or (interrupted and result.steps == 0):
+        raise Interrupted(folder.kept())  # stopped before the first step: no run to summarize
     summary: dict[str, Any] = {
         "interrupted": interrupted,
-        "result": None if result is None else result.to_dict(),
-        "monitor": None if monitor is None else {
-            k: v for k, v in monitor.to_dict().items() if k != "history"
-        },
-        "seconds": elapsed,
+        "result": result.to_dict(),
+        "monitor": {k: v for k, v in monitor.to_dict().items() if k != "history"},
+        "seconds": time.perf_counter() - started,
     }  # fmt: skip
-    report.write_json(out / "summary.json", summary)
-    if monitor is not None:
-        monitor.plot(
-            out / "training.png", title=f"plstar train: {dataset.name}, {describe_model(net)}"
-        )
-        if result is not None:
-            console.print(_train_table(result, monitor))
-    for line in [] if result is None else result.verdict + result.events:
+    title = f"plstar train: {dataset.name}, {describe_model(net)}"
+    folder.finish(summary, monitor, title)
+    console.print(_train_table(result, monitor))
+    for line in result.verdict + result.events:
         console.print(f"• {line}")
     if interrupted:
-        errors.print(
-            "[yellow]interrupted:[/] stopped cleanly; everything up to here is in " + str(out)
-        )
-    console.print(
-        f"wrote {out}/metrics.jsonl, config.json, summary.json, training.png ({elapsed:.1f} s)"
-    )
-    if interrupted:
-        raise SystemExit(130)
+        raise Interrupted(folder.kept())
+    files = ", ".join(["metrics.jsonl", *folder.written])  # what is on disk, nothing more
+    console.print(f"wrote {args.out}/{files} ({time.perf_counter() - started:.1f} s)")
