@@ -12,8 +12,9 @@ at two positions is swapped once, a Parameter shared by two modules in each of t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,8 @@ class FunctionalModel:
     ``params`` are detached views of the module's trainable parameters, each Parameter once under
     its first name; ``aliases`` lists (name, first name) for every other module that owns one of
     them (weights tied across modules); ``buffers`` are held fixed, one entry per owning module.
-    ``k`` is the flattened output size per sample.
+    ``k`` is the flattened output size per sample. ``select`` picks F from what the module
+    returns (default: :func:`default_output`).
     """
 
     module: nn.Module
@@ -42,6 +44,7 @@ class FunctionalModel:
     buffers: dict[str, Tensor]
     k: int
     aliases: tuple[tuple[str, str], ...] = ()
+    select: Callable[[Any], Any] | None = None
 
     @property
     def m(self) -> int:
@@ -67,9 +70,14 @@ class FunctionalModel:
         bound = {**params, **{alias: params[name] for alias, name in self.aliases}}
         return functional_call(self.module, (bound, self.buffers), (x,), tie_weights=False)
 
+    def pick(self, raw: Any) -> Any:
+        """F among what the module returned: ``select(raw)`` when given, else
+        :func:`default_output`. Every path that runs the module goes through here."""
+        return default_output(raw) if self.select is None else self.select(raw)
+
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         """F(w; x) for a batch: x (c, ...) -> (c, k)."""
-        out = self.output(params, x)
+        out = self.pick(self.output(params, x))
         return out.reshape(out.shape[0], -1)
 
     def single(self, params: Params, xi: Tensor) -> Tensor:
@@ -90,6 +98,22 @@ class FunctionalModel:
             tree[name] = vector[..., start:stop].reshape(*lead, *p.shape).to(p.dtype)
             start = stop
         return tree
+
+
+def default_output(raw: Any) -> Any:
+    """The tensor a model's output stands for: a Tensor itself; the ``logits`` entry of a dict or
+    a Hugging Face ``ModelOutput`` (an OrderedDict) where present, else its first tensor value;
+    the first tensor of a tuple or list. Anything else is returned as it is, to be refused by the
+    checks with its type named."""
+    if isinstance(raw, Tensor):
+        return raw
+    if isinstance(raw, Mapping):
+        if isinstance(raw.get("logits"), Tensor):
+            return raw["logits"]
+        raw = list(raw.values())
+    if isinstance(raw, tuple | list):
+        return next((item for item in raw if isinstance(item, Tensor)), raw)
+    return raw
 
 
 def jacobian_rows(

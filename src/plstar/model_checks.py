@@ -139,7 +139,7 @@ class _Runner:
 
     def raw(self, rows: slice) -> object:
         try:
-            return self.fmodel.output(self.fmodel.params, self.cast(rows))
+            return self.fmodel.pick(self.fmodel.output(self.fmodel.params, self.cast(rows)))
         except (DataError, KeyboardInterrupt):
             raise
         except Exception as error:  # a user's model can raise anything: name the sample
@@ -149,7 +149,7 @@ class _Runner:
         where = f"x of shape {self.shape}"
         for i in range(rows.start, rows.stop) if rows.stop - rows.start > 1 else ():
             try:
-                self.fmodel.output(self.fmodel.params, self.cast(slice(i, i + 1)))
+                self.fmodel.pick(self.fmodel.output(self.fmodel.params, self.cast(slice(i, i + 1))))
             except Exception as alone:  # the first sample that fails on its own
                 return PlstarInputError(
                     f"the model could not run on sample {i} of {where}: {_one_line(alone)}"

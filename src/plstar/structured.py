@@ -99,7 +99,7 @@ def block_features(
     """
     c, k = x.shape[0], fmodel.k
     with torch.enable_grad(), record_calls(modules) as calls:
-        out = fmodel.module(x).reshape(c, k)
+        out = fmodel.pick(fmodel.module(x)).reshape(c, k)
         outputs = [call.output for call in calls]
         cotangents = _output_cotangents(out, outputs) if outputs else []
     if any(call.inputs.shape[0] != c or call.output.shape[0] != c for call in calls):
