@@ -142,8 +142,10 @@ HOSTILE: dict[str, Hostile] = {
         plstar.PlstarInputError,
         r"batch first.*one sample gave 2",
     ),
-    "output a tuple": Hostile(
-        _custom(lambda m, x: (m.lin(x),)), plstar.PlstarInputError, r"batch first.*gave tuple"
+    "output a tuple without a tensor": Hostile(
+        _custom(lambda m, x: ("logits", m.lin(x).tolist())),
+        plstar.PlstarInputError,
+        r"batch first.*gave tuple",
     ),
     "output integer (argmax)": Hostile(
         _custom(lambda m, x: m.lin(x).argmax(1, keepdim=True)),
