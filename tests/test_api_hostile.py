@@ -174,6 +174,11 @@ def _model_call(name: str) -> Callable[..., Any]:
 
 
 M = make_functional(*problem()[:2]).m
+# every entry point that takes output=, a callable or None
+SELECTING = (
+    "tangent_kernel kernel_operator loss_gradient pl_ratio loss_sharpness model_hessian_norm "
+    "analyze certify train_gd Monitor"
+).split()
 CONTRACTS: list[tuple[str, str, Callable[[object], bool]]] = [
     ("tangent_kernel", "implementation", one_of("auto", "structured", "jacobian", "ntvp")),
     ("tangent_kernel", "dtype", dtype),
@@ -242,6 +247,9 @@ CONTRACTS: list[tuple[str, str, Callable[[object], bool]]] = [
     ("infinite_width_ntk", "activation", one_of("relu", "erf", "identity")),
     ("infinite_width_ntk", "outputs", count()),
     ("infinite_width_ntk", "dtype", dtype),
+    ("model_hessian_norm", "time_budget", optional(positive)),
+    ("analyze", "hessian_time_share", optional(positive)),
+    *[(name, "output", callback) for name in SELECTING],
 ]
 # Each predicate is the argument's whole contract: only values it calls invalid are drawn, so no
 # valid but costly value (a million steps, a 10⁹-dimensional basis) is ever run.

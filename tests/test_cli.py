@@ -251,3 +251,109 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary_file(
     monkeypatch.undo()
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+# --- --output, and a stage that fails after the kernel ---------------------------------------
+
+DICT_FACTORY = """
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x))
+        logits = self.head(hidden)
+        steps = torch.arange(1.0, 4.0, dtype=x.dtype)[None, :, None]
+        return {"hidden": hidden, "logits": logits, "states": logits[:, None, :] * steps}
+def make():
+    return Net()
+def second_hidden(out):
+    return out["hidden"][:, 1:2]
+"""
+
+
+def test_output_picks_f_from_what_a_model_factory_returns(tmp_path: Path) -> None:
+    """A --model factory may return a dict: the default takes its logits; --output takes another
+    value, by key path (states:last = 3·logits, so K is 9 times larger) or by a file's function."""
+    source = tmp_path / "net.py"
+    source.write_text(DICT_FACTORY)
+    found = {}
+    for spec in (None, "logits", "states:last", f"{source}:second_hidden"):
+        out = tmp_path / "a.json"
+        chosen = [] if spec is None else ["--output", spec]
+        assert run(["analyze", "-n", "8", "--hessian-outputs", "2", "--model", f"{source}:make",
+                    *chosen, "--json", str(out)]) == 0  # fmt: skip
+        data = json.loads(out.read_text())
+        assert data["analysis"]["k"] == 1 and data["config"]["output"] == (spec or "default")
+        found[spec] = data["analysis"]["kernel"]["lambda_max"]
+    assert found["logits"] == pytest.approx(found[None], rel=1e-12)
+    assert found["states:last"] == pytest.approx(9 * found[None], rel=1e-10)
+    assert found[f"{source}:second_hidden"] != pytest.approx(found[None], rel=1e-3)
+
+
+def test_a_bad_output_spec_is_refused_in_one_line_before_any_work(tmp_path: Path, capsys) -> None:
+    for spec, says in (("logits[:, -1]", "cannot read"), ("logits:middle", "cannot read"),
+                       ("nope", "has no 'nope'"), ("ghost.py:f", "file not found")):  # fmt: skip
+        assert run(["analyze", *MODEL, "-n", "6", "--output", spec]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, (spec, err)
+
+
+FIRST_ORDER_FACTORY = """
+import torch
+class Cube(torch.autograd.Function):
+    generate_vmap_rule = True
+    @staticmethod
+    def forward(x):
+        return x ** 3
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)
+    def forward(self, x):
+        return self.b(Cube.apply(torch.tanh(self.a(x))))
+def make():
+    return Net()
+"""
+
+
+def test_a_failed_second_order_stage_still_prints_and_writes_the_rest(
+    tmp_path: Path, capsys
+) -> None:
+    source, out = tmp_path / "net.py", tmp_path / "a.json"
+    source.write_text(FIRST_ORDER_FACTORY)
+    code = run(["analyze", "-n", "10", "--model", f"{source}:make", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 1
+    assert "λ_min(K)" in printed.out and "failed" in printed.out and "Traceback" not in printed.err
+    assert printed.err.count("\n") == 1 and "incomplete" in printed.err
+    data = json.loads(out.read_text())["analysis"]
+    assert data["beta"] is None and data["kernel"]["lambda_min"] > 0
+    assert sorted(data["failed"]) == ["model hessian", "sharpness"]
+
+
+def test_hessian_time_share_zero_lets_the_model_hessian_norm_converge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = {}
+    original = plstar.analyze
+
+    def spy(*args, **kwargs):
+        seen["share"] = kwargs["hessian_time_share"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plstar, "analyze", spy)
+    out = tmp_path / "a.json"
+    assert run(["analyze", *SMALL, "--hessian-time-share", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert seen == {"share": None} and data["config"]["hessian_time_share"] == 0.0
+    assert data["analysis"]["hessian_norm"]["converged"] is True

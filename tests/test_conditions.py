@@ -97,3 +97,65 @@ def test_analyze_matrix_free_path_agrees_with_dense(monkeypatch) -> None:
     assert free.implementation == "structured operator"
     assert free.kernel.lambda_max == pytest.approx(dense.kernel.lambda_max, rel=1e-9)
     assert free.kernel.lambda_min == pytest.approx(dense.kernel.lambda_min, rel=1e-6)
+
+
+class Cube(torch.autograd.Function):
+    """x³ whose backward cannot be differentiated again and which has no forward mode: the
+    kernel (reverse passes) can be measured, β and ‖H_F‖ (forward over reverse) cannot."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * grad
+
+
+class FirstOrderOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 16), nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(Cube.apply(torch.tanh(self.a(x))))
+
+
+def test_a_failing_second_order_stage_keeps_every_figure_measured_before_it() -> None:
+    torch.manual_seed(0)
+    model, x, y = FirstOrderOnly().double(), torch.randn(6, 3), torch.randn(6, 1)
+    a = plstar.analyze(model, x, y)
+    assert not a.complete and sorted(a.failed) == ["model hessian", "sharpness"]
+    assert all("jvp" in error and "\n" not in error for error in a.failed.values())
+    assert a.beta is None and a.hessian_norm is None
+    assert all(math.isnan(v) for v in (a.kappa, a.radius, a.gd_step, a.gd_rate))
+    eig = torch.linalg.eigvalsh(dense_kernel(model, x))
+    assert a.mu == pytest.approx(float(eig[0]), rel=1e-9) and a.pl_star_at_w0
+    assert sum("could not be measured" in line for line in a.verdict) == 2
+    data = json.loads(json.dumps(a.to_dict()))
+    assert data["beta"] is None and data["complete"] is False and data["kappa"] == "nan"
+
+
+def test_model_hessian_norm_is_cut_to_its_time_share_and_says_it_did_not_converge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x = ZOO["mlp-tanh-k1"](torch.Generator().manual_seed(0))
+    model, y = model.double(), torch.randn(x.shape[0], 1)
+    unbounded = plstar.analyze(model, x, y, hessian_time_share=None)
+    assert unbounded.hessian_norm.converged
+    monkeypatch.setattr("plstar.conditions.HESSIAN_MIN_SECONDS", 1e-9)
+    cut = plstar.analyze(model, x, y, hessian_time_share=1e-9)
+    # One batch of outputs, stopped after its first product: Rayleigh quotients, lower bounds.
+    assert cut.hessian_norm.products == 1 and not cut.hessian_norm.converged
+    assert cut.hessian_norm.value <= unbounded.hessian_norm.value * (1 + 1e-12)
+    assert any("‖H_F‖ stopped before converging" in line for line in cut.verdict)
+    assert cut.to_dict()["hessian_norm"]["converged"] is False
+    assert cut.kernel.lambda_min == pytest.approx(unbounded.kernel.lambda_min, rel=1e-12)

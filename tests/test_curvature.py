@@ -82,3 +82,16 @@ def test_loss_gradient_matches_autograd_and_uses_summed_loss() -> None:
     value, gradient = plstar.loss_gradient(model, x, y, memory_budget=1)  # one sample per block
     assert value == pytest.approx(float(loss.detach()), rel=1e-14)
     assert torch.allclose(gradient, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_time_budget_stops_model_hessian_norm_early_with_an_honest_bound() -> None:
+    model, x = tiny("mlp-gelu-k3")
+    F = as_function_of_flat(model, x)
+    norms = torch.linalg.matrix_norm(hessian(lambda w: F(w).reshape(-1))(flat_params(model)), ord=2)
+    full = plstar.model_hessian_norm(model, x, tol=1e-10, max_iter=200)
+    assert full.converged and full.value == pytest.approx(float(norms.max()), rel=1e-8)
+    # Batches of one output: the first gets one product (Lanczos takes at least one) before the
+    # budget is spent, and no later batch starts.
+    cut = plstar.model_hessian_norm(model, x, tol=1e-10, time_budget=1e-9, memory_budget=2**16)
+    assert cut.products == 1 and cut.outputs_examined == 1 and not cut.converged
+    assert cut.value <= float(norms[cut.argmax_output]) * (1 + 1e-12)

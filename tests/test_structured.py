@@ -8,7 +8,7 @@ from conftest import dense_kernel
 from torch import Tensor, nn
 
 import plstar
-from plstar import structured
+from plstar import entry_check, structured
 from plstar.functional import make_functional
 from plstar.models import cnn, mlp
 from plstar.structured import split_parameters
@@ -177,18 +177,29 @@ def test_operator_auto_takes_products_when_features_do_not_fit() -> None:
                                implementation="structured")  # fmt: skip
 
 
-def test_entry_check_is_remembered_per_module_and_signature() -> None:
+def test_entry_check_is_remembered_per_model_and_signature(monkeypatch) -> None:
     model = mlp(3, 8, 2, 2, generator_seed=3, dtype=torch.float64)  # fresh: never checked
     x = torch.randn(4, 3, dtype=torch.float64)
     fmodel = make_functional(model, x)
-    found = structured.probe(fmodel, x)
-    assert model not in structured._VERIFIED
-    assert structured.entry_check(fmodel, x, found) < 1e-12
-    assert structured._VERIFIED[model] == structured._signature(fmodel, x)
-    assert structured.entry_check(fmodel, x, found) == 0.0
+    assert model not in entry_check._VERIFIED
+    found = entry_check.verified_probe(fmodel, x, strict=True)
+    check = entry_check.entry_check(fmodel, x, found)
+    assert check.total < 1e-12 and set(check.units) == {"0", "2"}
+    assert max(check.units.values()) < 1e-12
+    assert entry_check._VERIFIED[model][0] == entry_check._signature(fmodel, x)
+
+    def not_again(*args: object) -> None:
+        raise AssertionError("the entry check ran again")
+
+    monkeypatch.setattr(entry_check, "entry_check", not_again)
+    monkeypatch.setattr(entry_check, "probe", not_again)  # its sizes are remembered too
+    again = entry_check.verified_probe(fmodel, x, strict=True)
+    assert again is not None and again.modules == found.modules
+    assert again.bytes(torch.float32, 2) == found.bytes(torch.float32, 2)
+    assert again.flops_per_pair(2) == found.flops_per_pair(2)
     model.float()  # another dtype: checked again
     fmodel32 = make_functional(model, x.float())
-    assert structured._VERIFIED[model] != structured._signature(fmodel32, x.float())
+    assert entry_check._VERIFIED[model][0] != entry_check._signature(fmodel32, x.float())
 
 
 def test_rules_cover_standard_layers_and_leave_the_rest_to_jacobian_rows() -> None:
@@ -196,25 +207,34 @@ def test_rules_cover_standard_layers_and_leave_the_rest_to_jacobian_rows() -> No
     modules, fallback = split_parameters(fmodel)
     assert set(modules) == {"lin", "out"}
     assert set(fallback) == {"scale", "act.weight"}
+    # shared across modules: served together, through their per-sample gradients
     tied = make_functional(MODELS["tied-embedding"][0], torch.randint(0, 6, (2, 4)))
-    assert split_parameters(tied)[0] == {}  # shared across modules: no per-module Gram
+    assert set(split_parameters(tied)[0]) == {"embed", "proj"}
+    assert structured.tied_units(split_parameters(tied)[0]) == {"embed+proj": ("embed", "proj")}
 
 
-def test_parameter_used_outside_forward_is_caught() -> None:
+def test_parameter_used_outside_forward_is_named_or_given_rows() -> None:
     torch.manual_seed(0)
     model, x = WeightUsedOutsideForward().double(), torch.randn(4, 3)
-    with pytest.raises(plstar.PlstarInputError, match="outside its module"):
+    with pytest.raises(
+        plstar.PlstarInputError, match=r"module 'lin' \(Linear\).*outside its module"
+    ):
         plstar.tangent_kernel(model, x, implementation="structured")
-    K = plstar.tangent_kernel(model, x)  # auto falls back to the Jacobian contraction
+    # auto: that module alone takes Jacobian rows
+    fmodel = make_functional(model, x)
+    found = entry_check.verified_probe(fmodel, x, strict=False)
+    assert found is not None and found.fallback == ["lin.weight", "lin.bias"]
+    assert "disagree with plain gradients" in found.rows_reasons["lin"]
+    K = plstar.tangent_kernel(model, x)
     assert torch.allclose(K, dense_kernel(model, x), rtol=1e-12, atol=1e-12)
 
 
-def test_auto_picks_structured_for_layers_with_rules() -> None:
-    model, x = MODELS["ntk-mlp"]
-    x = x.double()
+def test_auto_picks_structured_where_its_grams_save_work() -> None:
+    # dense layers of width 512: Σ(p + k²q) per sample pair against the Jacobian's k²·m
+    model, x = mlp(8, 512, 3, 2, generator_seed=0, dtype=torch.float64), torch.randn(64, 8)
     fmodel = make_functional(model, x)
     plan = plstar.plan_kernel(
-        fmodel, x, 5, implementation="auto", dtype=torch.float64, memory_budget=2**30
+        fmodel, x, 64, implementation="auto", dtype=torch.float64, memory_budget=2**30
     )
     assert plan.implementation == "structured"
     assert plan.cache_columns
@@ -242,14 +262,16 @@ class TimeMajor(nn.Module):
         return torch.tanh(self.lin(x.transpose(0, 1))).sum(dim=0)
 
 
-def test_layer_that_does_not_see_batch_first_falls_back_to_jacobian() -> None:
+def test_layer_that_does_not_see_batch_first_takes_jacobian_rows_alone() -> None:
     torch.manual_seed(0)
     model, x = TimeMajor().double(), torch.randn(4, 5, 3)
-    with pytest.raises(plstar.PlstarInputError, match="batch as its first dimension"):
-        plstar.tangent_kernel(model, x, implementation="structured")
-    assert torch.allclose(
-        plstar.tangent_kernel(model, x), dense_kernel(model, x), rtol=1e-12, atol=1e-12
-    )
+    fmodel = make_functional(model, x)
+    found = structured.probe(fmodel, x)
+    assert found.modules == {} and found.fallback == ["lin.weight", "lin.bias"]
+    assert "batch as its first dimension" in found.rows_reasons["lin"]
+    for implementation in ("structured", "auto"):
+        K = plstar.tangent_kernel(model, x, implementation=implementation)
+        assert torch.allclose(K, dense_kernel(model, x), rtol=1e-12, atol=1e-12)
 
 
 def test_auto_takes_jacobian_when_grams_save_no_work() -> None:
@@ -275,3 +297,30 @@ def test_auto_takes_jacobian_when_grams_save_no_work() -> None:
     assert torch.allclose(
         plstar.tangent_kernel(model, x), dense_kernel(model, x), rtol=1e-12, atol=1e-12
     )
+
+
+def test_remembered_checks_do_not_keep_the_model_alive() -> None:
+    import gc
+    import weakref
+
+    model = nn.Linear(3, 2).double()  # the root module is itself a rule module
+    plstar.tangent_kernel(model, torch.randn(4, 3), implementation="structured")
+    assert model in entry_check._VERIFIED
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_probe_in_groups_of_outputs_within_a_small_budget_gives_the_same_features() -> None:
+    model, x = MODELS["conv-batchnorm-eval"]
+    model, x = model.double(), x.double()
+    fmodel = make_functional(model, x)
+    whole = structured.probe(fmodel, x)
+    grouped = structured.probe(fmodel, x, memory_budget=1)  # one output per pass
+    assert whole.per_unit.keys() == grouped.per_unit.keys()
+    for name, factors in whole.per_unit.items():
+        for a, b in zip(factors, grouped.per_unit[name], strict=True):
+            assert a[0] == b[0] and torch.allclose(a[1], b[1], rtol=1e-14, atol=1e-14)
+            if a[2] is not None:
+                assert torch.allclose(a[2], b[2], rtol=1e-14, atol=1e-14)

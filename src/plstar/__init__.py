@@ -34,6 +34,9 @@ _PUBLIC: dict[str, str] = {
     "FunctionalModel": "plstar.functional",
     "jacobian_rows": "plstar.functional",
     "make_functional": "plstar.functional",
+    "LayerRule": "plstar.factors",
+    "RULES": "plstar.layer_rules",
+    "register_rule": "plstar.layer_rules",
     "infinite_width_nngp": "plstar.infinite_width",
     "infinite_width_ntk": "plstar.infinite_width",
     "tangent_kernel": "plstar.kernel",
@@ -98,10 +101,12 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         model_hessian_norm,
     )
     from plstar.errors import DataError, IllDefinedModelError, PlstarInputError  # noqa: F401
+    from plstar.factors import LayerRule  # noqa: F401
     from plstar.functional import FunctionalModel, jacobian_rows, make_functional  # noqa: F401
     from plstar.infinite_width import infinite_width_nngp, infinite_width_ntk  # noqa: F401
     from plstar.kernel import tangent_kernel  # noqa: F401
     from plstar.lanczos import LanczosResult, lanczos  # noqa: F401
+    from plstar.layer_rules import register_rule  # noqa: F401
     from plstar.matrix_free import KernelOperator, kernel_operator  # noqa: F401
     from plstar.monitor import Monitor, Record  # noqa: F401
     from plstar.planning import KernelPlan, default_memory_budget, plan_kernel  # noqa: F401

@@ -10,7 +10,8 @@ turns the largest ‖H_F‖ found into a lower bound on λ_min(K) over the whole
 proof if ‖H_F‖ ≤ ε held everywhere on it; ε is itself sampled, and the verdict says so.
 
 Also home of the parameter-vector helpers and the full-kernel spectrum shared by
-:mod:`plstar.monitor` and :mod:`plstar.train`.
+:mod:`plstar.monitor` and :mod:`plstar.train` (and, re-exported, of
+:func:`plstar.curvature.per_sample_smoothness`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from torch.func import grad, jvp
 from plstar import theory
 from plstar.conditions import DENSE_SPECTRUM_LIMIT, analyze, json_safe
 from plstar.curvature import loss_gradient, loss_sharpness, model_hessian_norm
+from plstar.curvature import per_sample_smoothness as per_sample_smoothness  # re-exported
 from plstar.errors import PlstarInputError
 from plstar.functional import (
+    OutputSelector,
     ProgressCallback,
     check_targets,
     chunks,
-    jacobian_rows,
+    differentiable_attention,
     make_functional,
 )
 from plstar.kernel import tangent_kernel
@@ -74,19 +77,19 @@ def kernel_spectrum(
     implementation: str = "auto",
     memory_budget: int | None = None,
     seed: int = 0,
+    output: OutputSelector | None = None,
 ) -> Spectrum:
     """Extreme eigenvalues of the full K(w) = DF DFᵀ at the current parameters, float64.
 
     Dense (formed kernel, eigvalsh) when n·k ≤ 20,000, as :func:`plstar.analyze` does; beyond, Lanczos
     on matrix-free products. Cost: one tangent kernel plus (n·k)³/3 flops, or ≤ 300 kernel products.
     """
-    fmodel = make_functional(model, x)
-    eps = float(torch.finfo(fmodel.dtype).eps)
+    fmodel, common = make_functional(model, x, output=output), {"memory_budget": memory_budget}
+    eps, common["output"] = float(torch.finfo(fmodel.dtype).eps), fmodel.select
     if x.shape[0] * fmodel.k <= DENSE_SPECTRUM_LIMIT:
-        K = tangent_kernel(model, x, implementation=implementation, memory_budget=memory_budget)  # type: ignore[arg-type]
+        K = tangent_kernel(model, x, implementation=implementation, **common)  # type: ignore[arg-type]
         return spectrum(K, input_precision=eps)
-    op = KernelOperator(model, x, memory_budget=memory_budget)
-    return spectrum(op, input_precision=eps, tol=1e-8, seed=seed)
+    return spectrum(KernelOperator(model, x, **common), input_precision=eps, tol=1e-8, seed=seed)
 
 
 def lambda_min_within_precision(found: Spectrum) -> float:
@@ -95,7 +98,11 @@ def lambda_min_within_precision(found: Spectrum) -> float:
 
 
 def lambda_min_descent(
-    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+    model: nn.Module,
+    x: Tensor,
+    *,
+    memory_budget: int | None = None,
+    output: OutputSelector | None = None,
 ) -> Tensor | None:
     """Unit direction (m,) float64 in which λ_min(K(w)) decreases fastest at w, or None.
 
@@ -104,13 +111,14 @@ def lambda_min_descent(
     diagonalize densely or the gradient vanishes (a linear model: K is constant).
     Cost: one dense eigh of K (n·k ≤ 20,000) plus ≈ 4 passes over the data.
     """
-    fmodel = make_functional(model, x)
+    fmodel = make_functional(model, x, output=output)
     n, k = x.shape[0], fmodel.k
     if n * k > DENSE_SPECTRUM_LIMIT:
         return None
     xs = x.to(fmodel.dtype) if x.is_floating_point() else x
-    u = torch.linalg.eigh(tangent_kernel(model, x, memory_budget=memory_budget))[1][:, 0]
-    v = fmodel.unflatten(KernelOperator(model, x, memory_budget=memory_budget).transpose_product(u))
+    common = {"memory_budget": memory_budget, "output": output}
+    u = torch.linalg.eigh(tangent_kernel(model, x, **common))[1][:, 0]
+    v = fmodel.unflatten(KernelOperator(model, x, **common).transpose_product(u))
     u_rows = u.reshape(n, k).to(fmodel.dtype)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     block = max(1, min(n, budget // (6 * activation_bytes_per_sample(fmodel, xs))))
@@ -121,52 +129,12 @@ def lambda_min_descent(
             tangent = jvp(lambda p: fmodel(p, xs[rows]), (params,), (v,))[1]
             return (u_rows[rows] * tangent).sum()
 
-        total += fmodel.flatten(grad(pairing)(fmodel.params)).double()
+        with differentiable_attention():  # forward over reverse
+            total += fmodel.flatten(grad(pairing)(fmodel.params)).double()
     norm = float(total.norm())
     if not math.isfinite(norm) or norm <= 1e-12 * max(1.0, float(flat_parameters(model).norm())):
         return None
     return -total / norm
-
-
-def per_sample_smoothness(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    hessian_outputs: int | None = 4,
-    seed: int = 0,
-    memory_budget: int | None = None,
-) -> float:
-    """Estimate β_s ≥ max_i λ_max(H_ℓi) at w₀ for ℓ_i = ½‖f(w; x_i) − y_i‖², as SGD's theory needs.
-
-    H_ℓi = J_iᵀJ_i + Σ_a r_ia H_{f_a(x_i)}, so λ_max(H_ℓi) ≤ λ_max(K_ii) + ‖r_i‖₁·‖H_F‖ with
-    K_ii = J_iJ_iᵀ the (k × k) diagonal block of the tangent kernel (Gauss–Newton term, exact) and
-    ‖H_F‖ measured over ``hessian_outputs`` random outputs (a lower estimate of the maximum; None:
-    all n·k outputs, then the value is a bound at w₀).
-    An estimate at w₀, not a bound on a ball. Cost: n·k reverse passes (Jacobian rows in blocks)
-    plus the ‖H_F‖ Lanczos runs; memory: one block of rows, c·k·m float64, within the budget.
-    """
-    fmodel = make_functional(model, x)
-    y2 = check_targets(fmodel, x, y)
-    xs = x.to(fmodel.dtype) if x.is_floating_point() else x
-    n, k = x.shape[0], fmodel.k
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
-    block = max(1, min(n, budget // (3 * 8 * k * fmodel.m)))
-    gauss_newton, residual = (
-        torch.empty(n, dtype=torch.float64),
-        torch.empty(n, dtype=torch.float64),
-    )
-    for rows in chunks(n, block):
-        jac = torch.cat(list(jacobian_rows(fmodel, xs[rows], torch.float64).values()), dim=1)
-        jac = jac.reshape(-1, k, fmodel.m)
-        gauss_newton[rows] = torch.linalg.eigvalsh(jac @ jac.transpose(1, 2))[:, -1]
-        with torch.no_grad():
-            r = fmodel(fmodel.params, xs[rows]).double() - y2[rows].double()
-        residual[rows] = r.abs().sum(dim=1)
-    hess = model_hessian_norm(
-        model, x, outputs=hessian_outputs, seed=seed, memory_budget=memory_budget
-    )
-    return float((gauss_newton + residual * hess.value).max())
 
 
 # ----------------------------------------------------------------------------- certificate
@@ -236,15 +204,14 @@ class Certificate:
 
 def _measure(
     model: nn.Module, x: Tensor, y: Tensor, direction: str, fraction: float, distance: float,
-    mu: float, hessian_outputs: int | None, warm: Tensor | None, seed: int, memory_budget: int | None,
+    mu: float, hessian_outputs: int | None, warm: Tensor | None, seed: int,
+    common: dict[str, Any],
 ) -> tuple[BallPoint, Tensor | None]:  # fmt: skip
-    loss, gradient = loss_gradient(model, x, y, memory_budget=memory_budget)
-    kernel = kernel_spectrum(model, x, memory_budget=memory_budget, seed=seed)
-    hess = model_hessian_norm(
-        model, x, outputs=hessian_outputs, seed=seed, memory_budget=memory_budget
-    )
+    loss, gradient = loss_gradient(model, x, y, **common)
+    kernel = kernel_spectrum(model, x, seed=seed, **common)
+    hess = model_hessian_norm(model, x, outputs=hessian_outputs, seed=seed, **common)
     # Warm-started from the previous point's top vector: neighbouring points share it closely.
-    sharp = loss_sharpness(model, x, y, v0=warm, tol=1e-4, seed=seed, memory_budget=memory_budget)
+    sharp = loss_sharpness(model, x, y, v0=warm, tol=1e-4, seed=seed, **common)
     lam, err = lambda_min_within_precision(kernel), kernel.lambda_min_error or 0.0
     point = BallPoint(
         direction=direction, fraction=fraction, distance=distance, loss=loss,
@@ -256,14 +223,14 @@ def _measure(
 
 
 def _directions(
-    model: nn.Module, x: Tensor, y: Tensor, samples: int, seed: int, memory_budget: int | None
+    model: nn.Module, x: Tensor, y: Tensor, samples: int, seed: int, common: dict[str, Any]
 ) -> list[tuple[str, Tensor]]:
     """Unit directions (m,) float64: −∇L(w₀), the λ_min-descent direction, then random ones."""
     found: list[tuple[str, Tensor]] = []
-    _, gradient = loss_gradient(model, x, y, memory_budget=memory_budget)
+    _, gradient = loss_gradient(model, x, y, **common)
     if float(gradient.norm()) > 0:
         found.append(("gradient", -gradient / gradient.norm()))
-    descent = lambda_min_descent(model, x, memory_budget=memory_budget)
+    descent = lambda_min_descent(model, x, **common)
     if descent is not None:
         found.append(("lambda_min descent", descent))
     generator = torch.Generator().manual_seed(seed)
@@ -287,6 +254,7 @@ def certify(
     seed: int = 0,
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
+    output: OutputSelector | None = None,
 ) -> Certificate:
     """Check PL* on the ball B(w₀, R) around the model's current parameters w₀, by sampling.
 
@@ -297,8 +265,11 @@ def certify(
     ‖H_F‖ over ``hessian_outputs`` random outputs, and λ_max(H_L). The model's parameters are
     restored afterwards, also on error.
     Cost: :func:`plstar.analyze` plus, per point, one kernel and its spectrum, one Lanczos for
-    ‖H_F‖ and one for β: (samples + 2)·len(shells) points. Raises PlstarInputError for samples < 0,
-    shell fractions outside (0, 1], or a radius that is negative or not finite.
+    ‖H_F‖ and one for β: (samples + 2)·len(shells) points; ‖H_F‖ runs to its tolerance at every
+    point, w₀ included (no time bound), so ε is comparable across points. ``output`` picks F from
+    what the model returns (see :func:`plstar.tangent_kernel`). Raises PlstarInputError for
+    samples < 0, shell fractions outside (0, 1], a radius that is negative or not finite, or a
+    model whose β or ‖H_F‖ cannot be measured at w₀.
     """
     samples = whole_number("samples", samples, minimum=0)
     if isinstance(shells, str | bytes) or not isinstance(shells, Sequence):
@@ -310,10 +281,16 @@ def certify(
         radius = real_number("radius", radius, minimum=0.0)
     if mu is not None:
         mu = real_number("mu", mu, minimum=0.0, strict=True)
-    fmodel = make_functional(model, x)
+    fmodel = make_functional(model, x, output=output)
     y2 = check_targets(fmodel, x, y)
-    a = analyze(model, x, y2, hessian_outputs=hessian_outputs, seed=seed,
-                memory_budget=memory_budget, progress=progress)  # fmt: skip
+    common = {"memory_budget": memory_budget, "output": fmodel.select}
+    a = analyze(model, x, y2, hessian_outputs=hessian_outputs, hessian_time_share=None, seed=seed,
+                progress=progress, **common)  # fmt: skip
+    if a.beta is None or a.hessian_norm is None:
+        stage, error = next(iter(a.failed.items()))
+        raise PlstarInputError(
+            f"certify needs β and ‖H_F‖ at w₀, and the {stage} stage failed ({error})"
+        )
     lambda0 = a.mu  # λ_min(K(w₀)), 0 when zero within precision
     mu_ = mu if mu is not None else lambda0
     if radius is not None:
@@ -333,16 +310,15 @@ def certify(
     )  # fmt: skip
     points = [origin]
     if mu_ > 0 and math.isfinite(R) and R > 0:
-        directions = _directions(model, x, y2, samples, seed, memory_budget)
+        directions = _directions(model, x, y2, samples, seed, common)
         total, warm = len(directions) * len(fractions), a.beta.vector
         try:
             for i, (label, d) in enumerate(directions):
                 for j, s in enumerate(fractions):
                     assign_parameters(model, w0 + (s * R * d).to(w0.dtype))
                     point, warm = _measure(
-                        model, x, y2, label, s, s * R, mu_, hessian_outputs, warm, seed,
-                        memory_budget,
-                    )  # fmt: skip
+                        model, x, y2, label, s, s * R, mu_, hessian_outputs, warm, seed, common
+                    )
                     points.append(point)
                     if progress is not None:
                         progress("certify: points on the ball", i * len(fractions) + j + 1, total)

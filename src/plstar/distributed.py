@@ -44,7 +44,7 @@ from plstar.distributed_comm import (
     shard_sizes,
 )
 from plstar.errors import PlstarInputError
-from plstar.functional import ProgressCallback, chunks
+from plstar.functional import OutputSelector, ProgressCallback, chunks
 from plstar.functional import make_functional as _make_functional
 from plstar.kernel import mirror_upper_triangle_
 from plstar.lanczos import lanczos
@@ -160,6 +160,7 @@ def tangent_kernel(
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
     group: dist.ProcessGroup | None = None,
+    output: OutputSelector | None = None,
 ) -> DistributedKernel:
     """K = DF DFᵀ of ``model`` on x across the ranks of ``group`` (a collective), n_r samples here.
 
@@ -171,7 +172,8 @@ def tangent_kernel(
     the single-process kernel's in all (each off-diagonal block is formed by both ranks that own
     its rows or its columns; diagonal blocks use the symmetry), over p ranks. store="features":
     no ring, each rank keeps its own features only, and products contract through parameter
-    space (two all-reduces each).
+    space (two all-reduces each). ``output`` picks F from what the model returns (see
+    :func:`plstar.tangent_kernel`).
     Raises DistributedError on every rank when any rank fails.
     """
     store = choice("store", store, ("rows", "features"))  # type: ignore[assignment]
@@ -180,7 +182,7 @@ def tangent_kernel(
     callback("progress", progress)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     budget = check_budget(memory_budget) or default_memory_budget()
-    fmodel, local, counts = comm.shard_of(model, x, sharded, group)
+    fmodel, local, counts = comm.shard_of(model, x, sharded, group, output)
     offsets = [sum(counts[:r]) for r in range(world + 1)]
     found: list = []
 
@@ -319,6 +321,8 @@ def analyze(
     store: Literal["rows", "features"] = "rows",
     dst: int = 0,
     group: dist.ProcessGroup | None = None,
+    hessian_time_share: float | None = 0.4,
+    output: OutputSelector | None = None,
 ) -> Analysis | None:
     """:func:`plstar.analyze` with K and its spectrum computed across the ranks (a collective).
 
@@ -326,12 +330,13 @@ def analyze(
     (as :func:`spectrum`: dense on rank ``dst`` up to n·k = 20,000 when K is stored, else Lanczos
     on the distributed products) and the top eigenvector of K are distributed; then the other
     ranks return None while rank ``dst`` computes L(w₀), ρ(w₀), β and ‖H_F‖ on all n samples by
-    the single-process code and returns the Analysis.
+    the single-process code and returns the Analysis (``hessian_time_share`` and ``output`` as
+    there).
     """
     started = time.perf_counter()
     found, top, used = _kernel_part(
         model, x, implementation=implementation, dtype=dtype, memory_budget=memory_budget,
-        progress=progress, seed=seed, store=store, dst=dst, group=group,
+        progress=progress, seed=seed, store=store, dst=dst, group=group, output=output,
     )  # fmt: skip
     if dist.get_rank(group) != dst:
         return None
@@ -342,6 +347,7 @@ def analyze(
     result = conditions.analyze(
         model, x, y, dtype=dtype, target_loss=target_loss, hessian_outputs=hessian_outputs,
         seed=seed, memory_budget=memory_budget, precomputed=(found, top, label),
+        hessian_time_share=hessian_time_share, output=output,
     )  # fmt: skip
     result.seconds = {"kernel and spectrum": solved - started, **result.seconds}
     return result
@@ -351,14 +357,15 @@ def _kernel_part(
     model: nn.Module, x: Tensor, *, implementation: Implementation, dtype: torch.dtype,
     memory_budget: int | None, progress: ProgressCallback | None, seed: int,
     store: Literal["rows", "features"], dst: int, group: dist.ProcessGroup | None,
+    output: OutputSelector | None,
 ) -> tuple[Spectrum, Tensor, str]:  # fmt: skip
     """(spectrum of K, its unit top eigenvector (N,), implementation), the same on every rank,
     with analyze's solver settings; the row blocks are freed on return."""
     kernel = tangent_kernel(
         model, x, implementation=implementation, dtype=dtype, memory_budget=memory_budget,
-        progress=progress, store=store, group=group,
+        progress=progress, store=store, group=group, output=output,
     )  # fmt: skip
-    eps_model = float(torch.finfo(_make_functional(model, x[:1]).dtype).eps)
+    eps_model = float(torch.finfo(_make_functional(model, x[:1], output=output).dtype).eps)
     operator_path = kernel.rows is None or kernel.shape[0] > DENSE_GATHER_LIMIT
     found = spectrum(kernel, input_precision=eps_model, seed=seed, dst=dst,
                      **({"tol": 1e-8} if operator_path else {}))  # fmt: skip

@@ -29,7 +29,7 @@ from plstar.distributed_features import (
     unpack,
 )
 from plstar.errors import PlstarInputError
-from plstar.functional import FunctionalModel, make_functional
+from plstar.functional import FunctionalModel, OutputSelector, make_functional
 from plstar.structured import BlockFeatures
 
 T = TypeVar("T")
@@ -336,13 +336,18 @@ def gather_rows(
 
 
 def shard_of(
-    model: nn.Module, x: Tensor, sharded: bool, group: dist.ProcessGroup | None
+    model: nn.Module,
+    x: Tensor,
+    sharded: bool,
+    group: dist.ProcessGroup | None,
+    output: OutputSelector | None = None,
 ) -> tuple[FunctionalModel, Tensor, list[int]]:
-    """(F(w; ·), this rank's samples, samples per rank) once every rank agrees on the model."""
+    """(F(w; ·), this rank's samples, samples per rank) once every rank agrees on the model;
+    ``output`` as in :func:`plstar.make_functional`."""
     world, state = dist.get_world_size(group), {}
 
     def prepare() -> tuple:
-        fmodel = make_functional(model, x)
+        fmodel = make_functional(model, x, output=output)
         state["fmodel"] = fmodel
         state["x"] = x.to(fmodel.dtype) if x.is_floating_point() else x
         return (x.shape[0], tuple(x.shape[1:]), fmodel.k, fmodel.m,

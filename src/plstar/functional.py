@@ -12,6 +12,7 @@ at two positions is swapped once, a Parameter shared by two modules in each of t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,18 @@ from torch.func import functional_call, jacrev, vmap
 
 from plstar import model_checks
 from plstar.errors import DataError, IllDefinedModelError, PlstarInputError
+from plstar.validation import describe
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - older torch: its fused kernels are not chosen on the CPU
+    sdpa_kernel = None
 
 Params = dict[str, Tensor]
 ProgressCallback = Callable[[str, float, float], None]
 """``progress(phase, done, total)``: called by every long loop; the CLI turns it into a bar."""
+OutputSelector = Callable[[Any], Tensor]
+"""``output(raw)``: F among what the model returns, e.g. ``lambda out: out.logits[:, -1]``."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ def default_output(raw: Any) -> Any:
     """The tensor a model's output stands for: a Tensor itself; the ``logits`` entry of a dict or
     a Hugging Face ``ModelOutput`` (an OrderedDict) where present, else its first tensor value;
     the first tensor of a tuple or list. Anything else is returned as it is, to be refused by the
-    checks with its type named."""
+    checks with its type named. Every entry point's ``output=None`` means this."""
     if isinstance(raw, Tensor):
         return raw
     if isinstance(raw, Mapping):
@@ -116,14 +125,49 @@ def default_output(raw: Any) -> Any:
     return raw
 
 
+def output_selector(output: object) -> OutputSelector | None:
+    """Check the ``output=`` argument of every entry point: None (:func:`default_output`) or a
+    callable applied to what the model returns; anything else is a PlstarInputError."""
+    if output is None or callable(output):
+        return output  # type: ignore[return-value]
+    raise PlstarInputError(
+        "output must be None (the default: logits, else the first tensor) or a callable that "
+        f"takes what the model returns and gives F, e.g. lambda out: out.logits[:, -1]; got "
+        f"{describe(output)}"
+    )
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run ``F.scaled_dot_product_attention`` on its math backend inside the block.
+
+    PyTorch's fused CPU kernels (flash attention, the default of Hugging Face and timm) have no
+    forward-mode AD, no double backward and no vmap batching rule; the math backend has all three
+    and computes the same function, to round-off. ``nn.MultiheadAttention``'s fused eval path is
+    switched off for the same reason (and restored after). Every forward-mode and second-order
+    pass runs under this, so models that call the fused attention need no change.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    fast_path = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:  # nn.MultiheadAttention's fused eval path has no forward-mode AD either
+        mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if sdpa_kernel is not None else contextlib.nullcontext():
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast_path)
+
+
 def jacobian_rows(
     fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype, names: list[str] | None = None
 ) -> Params:
     """Per-sample Jacobian rows: dict name -> (c·k, numel of that parameter), in ``dtype``.
 
     Row ``i*k + a`` is ∇f_a(w; x_i) restricted to that parameter; ``names`` restricts the
-    parameters (default all). Cost: k reverse passes per sample, vectorised over samples by vmap;
-    a module whose backward has no batching rule (PReLU in torch 2.13) is done sample by sample.
+    parameters (default all). Cost: k reverse passes per sample, vectorised over samples by vmap
+    (attention on its math backend); a module whose backward has no batching rule (PReLU in torch
+    2.13) is done sample by sample.
     """
     chosen = list(fmodel.params) if names is None else names
     fixed = {n: p for n, p in fmodel.params.items() if n not in chosen}
@@ -136,11 +180,15 @@ def jacobian_rows(
     # torch 2.13: PReLU's batched backward raises for most block sizes but returns wrong rows,
     # silently, when the block size equals k (the inner vmap's size); one extra sample avoids that.
     padded = torch.cat([x, x[:1]]) if c == fmodel.k > 1 else x
-    try:
-        rows = {n: r[:c] for n, r in vmap(jacrev(single), in_dims=(None, 0))(free, padded).items()}
-    except RuntimeError:
-        per_sample = [jacrev(single)(free, xi) for xi in x]
-        rows = {n: torch.stack([r[n] for r in per_sample]) for n in chosen}
+    # Fused attention's backward has no batching rule: vmap would loop over it, slower than the
+    # math backend's batched ops (2× measured on a small GPT-2) and warning at every call.
+    with differentiable_attention():
+        try:
+            batched = vmap(jacrev(single), in_dims=(None, 0))(free, padded)
+            rows = {n: r[:c] for n, r in batched.items()}
+        except RuntimeError:
+            per_sample = [jacrev(single)(free, xi) for xi in x]
+            rows = {n: torch.stack([r[n] for r in per_sample]) for n in chosen}
     return {n: rows[n].reshape(c * fmodel.k, -1).to(dtype) for n in chosen}
 
 
@@ -216,9 +264,18 @@ def _owned(model: nn.Module, store: str) -> list[tuple[str, Tensor]]:
 
 
 def make_functional(
-    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+    model: nn.Module,
+    x: Tensor,
+    *,
+    memory_budget: int | None = None,
+    output: OutputSelector | None = None,
 ) -> FunctionalModel:
     """Check ``model`` and ``x`` and return the pure form F(w; x).
+
+    ``output`` picks F from what the model returns (``FunctionalModel.select``): None takes
+    :func:`default_output` (a Tensor as it is; ``logits`` of a dict or ``ModelOutput``, else its
+    first tensor; the first tensor of a tuple), a callable is applied to the raw output, e.g.
+    ``lambda out: out.logits[:, -1]`` for a causal LM's last position.
 
     Refuses, with a one-line message naming the problem and the first offending sample:
     :class:`DataError` for x that is not a dense real tensor with samples, or not finite;
@@ -236,6 +293,7 @@ def make_functional(
     """
     if not isinstance(model, nn.Module):
         raise PlstarInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    select = output_selector(output)
     x = check_data("x", x)
     model_checks.refuse_ill_defined(model)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -254,9 +312,9 @@ def make_functional(
         if id(p) in first_name and path != first_name[id(p)]
     )
     buffers = {n: b.detach() for n, b in _owned(model, "_buffers")}
-    probe = FunctionalModel(model, params, buffers, 0, aliases)
+    probe = FunctionalModel(model, params, buffers, 0, aliases, select)
     k = model_checks.check_forward(probe, x, memory_budget)
-    return FunctionalModel(model, params, buffers, k, aliases)
+    return FunctionalModel(model, params, buffers, k, aliases, select)
 
 
 def check_targets(fmodel: FunctionalModel, x: Tensor, y: Tensor) -> Tensor:

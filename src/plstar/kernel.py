@@ -27,13 +27,17 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from plstar import structured
+from plstar.entry_check import remembered_probe, sized_probe, verified_probe
 from plstar.errors import DataError, PlstarInputError
+from plstar.factors import row_products
 from plstar.functional import (
     FunctionalModel,
+    OutputSelector,
     Params,
     ProgressCallback,
     check_data,
     chunks,
+    differentiable_attention,
     jacobian_rows,
     make_functional,
 )
@@ -42,22 +46,31 @@ from plstar.planning import (
     Implementation,
     KernelPlan,
     default_memory_budget,
-    plan_kernel,
+    plan_with_probe,
+    sample_costs,
+    structured_floor,
+    wants_structured,
 )
 from plstar.validation import callback, choice, floating_dtype
 from plstar.validation import memory_budget as check_budget
 
 
 def _contract_rows(left: Params, right: Params) -> Tensor:
-    return sum(left[name] @ right[name].T for name in left)  # type: ignore[return-value]
+    # row_products: a diagonal block (left is right) computes its upper strips only
+    return sum(row_products(left[name], right[name]) for name in left)  # type: ignore[return-value]
 
 
 def prepare_inputs(
-    model: nn.Module, x: Tensor, x2: Tensor | None, memory_budget: int | None = None
+    model: nn.Module,
+    x: Tensor,
+    x2: Tensor | None,
+    memory_budget: int | None = None,
+    output: OutputSelector | None = None,
 ) -> tuple[FunctionalModel, Tensor, Tensor]:
     """(F, x, x2 or x) checked and cast to the model's dtype (integer inputs kept as they are);
-    the model's forward is checked on the samples of x2 as on those of x."""
-    fmodel = make_functional(model, x, memory_budget=memory_budget)
+    the model's forward is checked on the samples of x2 as on those of x; ``output`` as in
+    :func:`plstar.make_functional`."""
+    fmodel = make_functional(model, x, memory_budget=memory_budget, output=output)
     x = x.to(fmodel.dtype) if x.is_floating_point() else x
     if x2 is None:
         return fmodel, x, x
@@ -66,7 +79,7 @@ def prepare_inputs(
         raise DataError(
             f"x2 samples have shape {tuple(x2.shape[1:])}, x samples {tuple(x.shape[1:])}"
         )
-    make_functional(model, x2, memory_budget=memory_budget)
+    make_functional(model, x2, memory_budget=memory_budget, output=fmodel.select)
     return fmodel, x, x2.to(fmodel.dtype) if x2.is_floating_point() else x2
 
 
@@ -134,12 +147,14 @@ def _assemble(
 
 
 def forward_products(fmodel: FunctionalModel, x: Tensor, tangents: Params) -> Tensor:
-    """DF(x) applied to a batch of parameter tangents: (b, …) -> (b, c·k)."""
+    """DF(x) applied to a batch of parameter tangents: (b, …) -> (b, c·k). Forward mode, so
+    attention runs on its differentiable backend (:func:`plstar.functional.differentiable_attention`)."""
 
     def push(tangent: Params) -> Tensor:
         return jvp(lambda p: fmodel(p, x), (fmodel.params,), (tangent,))[1].reshape(-1)
 
-    return vmap(push)(tangents)
+    with differentiable_attention():
+        return vmap(push)(tangents)
 
 
 def _ntvp_kernel(
@@ -185,6 +200,7 @@ def tangent_kernel(
     dtype: torch.dtype = torch.float64,
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
+    output: OutputSelector | None = None,
 ) -> Tensor:
     """Empirical tangent kernel K = DF(x) DF(x2)ᵀ of ``model`` at its current parameters.
 
@@ -197,6 +213,9 @@ def tangent_kernel(
     passes over n samples. "auto" takes "structured" when a layer rule applies. Memory: the result plus at most ``memory_budget`` bytes
     (default :func:`default_memory_budget`) of planned working memory (see :func:`plan_kernel`).
     The result is exactly symmetric when ``x2`` is None (its upper triangle mirrored).
+    ``output`` picks F from what the model returns: None takes a Tensor as it is, the ``logits``
+    of a dict or Hugging Face ``ModelOutput`` (else its first tensor), the first tensor of a
+    tuple; a callable is applied to it, e.g. ``lambda out: out.logits[:, -1]``.
     Raises PlstarInputError for an unknown implementation, a dtype other than float32/float64 or a
     memory budget that is not a positive number of bytes; IllDefinedModelError when F is not a
     function of w alone (Dropout or BatchNorm in train mode, randomness, samples that interact);
@@ -204,24 +223,8 @@ def tangent_kernel(
     """
     return planned_tangent_kernel(
         model, x, x2, implementation=implementation, dtype=dtype, memory_budget=memory_budget,
-        progress=progress,
+        progress=progress, output=output,
     )[0]  # fmt: skip
-
-
-def passes_entry_check(
-    fmodel: FunctionalModel, x: Tensor, found: structured.Probe | None, implementation: str
-) -> bool:
-    """Whether the structured rules reproduce plain gradients here; raises if they were demanded."""
-    error = structured.entry_check(fmodel, x, found)
-    if found is not None and error <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
-        return True
-    if implementation == "structured":
-        raise PlstarInputError(
-            "the structured rules disagree with plain gradients on this model (relative error "
-            f"{error:.1e}): a parameter is used outside its module's forward or samples interact; "
-            "use implementation='jacobian'"
-        )
-    return False
 
 
 def choose_plan(
@@ -236,29 +239,42 @@ def choose_plan(
 ) -> tuple[KernelPlan, structured.Probe | None]:
     """The plan :func:`tangent_kernel` follows, and the probe when it is "structured".
 
-    "structured" only once the entry check against plain gradients passed; "auto" then falls back
-    to a "jacobian" plan. Raises PlstarInputError when "structured" was demanded and the rules
-    disagree. Shared with plstar.distributed, which makes the same choice on each shard.
+    "auto" takes the cheapest implementation that fits the budget, each sized with its own byte
+    counts (:func:`plan_kernel`); the structured kernel is sized by its probe and checked against
+    plain gradients only when it is chosen (once per model and signature): a module whose
+    entries disagree then takes Jacobian rows on its own and the choice is made again. A
+    demanded "structured" is checked first and raises PlstarInputError naming the module and
+    the likely cause. Shared with plstar.distributed, which makes the same choice on each
+    shard.
     """
-    found = (
-        structured.probe(fmodel, x)
-        if implementation == "structured"
-        or (implementation == "auto" and structured.split_parameters(fmodel)[0])
-        else None
-    )
-    plan = plan_kernel(
-        fmodel, x, n2, implementation=implementation, dtype=dtype,
-        memory_budget=memory_budget, symmetric=symmetric, probe=found,
-    )  # fmt: skip
-    if plan.implementation != "structured":
-        return plan, None
-    if passes_entry_check(fmodel, x, found, implementation):
-        return plan, found
-    jacobian = plan_kernel(
-        fmodel, x, n2, implementation="jacobian", dtype=dtype, memory_budget=memory_budget,
-        symmetric=symmetric,
-    )  # fmt: skip
-    return jacobian, None
+    costs = sample_costs(fmodel, x)
+
+    def plan_for(probe: structured.Probe | None) -> KernelPlan:
+        return plan_with_probe(
+            fmodel, x, n2, implementation=implementation, dtype=dtype,
+            memory_budget=memory_budget, symmetric=symmetric, probe=probe, costs=costs,
+        )  # fmt: skip
+
+    found, checked, fresh = None, True, True
+    if wants_structured(fmodel, implementation):
+        found = remembered_probe(fmodel, x)
+        if found is None and implementation == "structured":
+            found = verified_probe(fmodel, x, strict=True, memory_budget=memory_budget)
+        elif found is None:  # sized first, unless it cannot win; checked only if it is chosen
+            other = plan_for(None)
+            floor = structured_floor(fmodel, x, n2, symmetric, costs)
+            if other.planned_bytes <= memory_budget and floor >= other.cost:
+                return other, None
+            (found, fresh), checked = sized_probe(fmodel, x, memory_budget), False
+
+    plan = plan_for(found)
+    if plan.implementation == "structured" and not checked:
+        if not fresh:  # remembered for its sizes only; the check needs the features
+            found = structured.probe(fmodel, x, memory_budget=memory_budget)
+        verified = verified_probe(fmodel, x, strict=False, found=found, memory_budget=memory_budget)
+        if verified is not found:  # modules went to Jacobian rows, or none agreed: again
+            found, plan = verified, plan_for(verified)
+    return plan, (found if plan.implementation == "structured" else None)
 
 
 def planned_tangent_kernel(
@@ -270,13 +286,14 @@ def planned_tangent_kernel(
     dtype: torch.dtype = torch.float64,
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
+    output: OutputSelector | None = None,
 ) -> tuple[Tensor, KernelPlan]:
     """:func:`tangent_kernel` and the plan that made it (the implementation "auto" chose)."""
     implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
     dtype = floating_dtype("dtype", dtype)
     budget = check_budget(memory_budget) or default_memory_budget()
     callback("progress", progress)
-    fmodel, x, x2_ = prepare_inputs(model, x, x2, budget)
+    fmodel, x, x2_ = prepare_inputs(model, x, x2, budget, output)
     symmetric = x2 is None
     plan, found = choose_plan(
         fmodel, x, x2_.shape[0], implementation=implementation, dtype=dtype,

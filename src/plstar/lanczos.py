@@ -7,6 +7,7 @@ Residual bounds are explicit, ‖A y − θ y‖ from stored products, never the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +18,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 from plstar.errors import PlstarInputError
-from plstar.validation import choice, positive_tolerance, whole_number
+from plstar.validation import choice, positive_tolerance, real_number, whole_number
 from plstar.validation import seed as check_seed
 
 
@@ -86,6 +87,7 @@ def lanczos(
     tol: float = 1e-8,
     seed: int = 0,
     converge: Literal["both", "max"] = "both",
+    deadline: float | None = None,
 ) -> LanczosResult:
     """Lanczos with full reorthogonalisation on ``batch`` independent symmetric operators at once.
 
@@ -97,7 +99,9 @@ def lanczos(
     to it, and convergence is then also required of the Ritz values of the new part, so an
     eigenvalue outside that space is not missed (a random start touches every eigenspace, so its
     breakdown means the extremes were found). ``v0`` (B·N entries) warm-starts; a zero or
-    non-finite row is replaced by a random vector. The residuals ‖A y − θ y‖ are formed from the stored products A q_j, so
+    non-finite row is replaced by a random vector. ``deadline`` (a ``time.perf_counter()``
+    value) also stops it, after at least one product, before a step as long as the last would
+    end past it; the residuals say how far from converged it stopped. The residuals ‖A y − θ y‖ are formed from the stored products A q_j, so
     they cost no product. Memory: 2 · max_iter · B · N float64 (the basis and its images).
     """
     dim = whole_number("dim", dim, minimum=1)
@@ -105,6 +109,7 @@ def lanczos(
     max_iter = max(1, min(whole_number("max_iter", max_iter, minimum=1), dim))
     tol = positive_tolerance("tol", tol)
     converge = choice("converge", converge, ("both", "max"))  # type: ignore[assignment]
+    deadline = None if deadline is None else real_number("deadline", deadline)
     generator = torch.Generator().manual_seed(check_seed(seed))
     q, restartable = _start_vectors(v0, batch, dim, generator)
     basis = torch.empty(max_iter, batch, dim, dtype=torch.float64)  # filled in place, never copied
@@ -118,6 +123,7 @@ def lanczos(
     scale = torch.zeros(batch, dtype=torch.float64)
     used = 0
     for j in range(max_iter):
+        step_started = time.perf_counter()
         basis[j] = q
         used = j + 1
         w = matvec(q).to(torch.float64).reshape(batch, dim)
@@ -157,7 +163,8 @@ def lanczos(
             part, _ = _estimate(alphas[b][part_start[b] :], betas[b][part_start[b] :], converge)
             if max(whole, part) <= tol * top:
                 active[b] = False
-        if not bool(active.any()):
+        now = time.perf_counter()  # stop before a step that, as long as this one, would end late
+        if not bool(active.any()) or (deadline is not None and 2 * now - step_started >= deadline):
             break
         q = torch.where(active[:, None], following, torch.zeros_like(w))
     vec_max = torch.zeros(batch, dim, dtype=torch.float64)

@@ -1,12 +1,17 @@
-"""Per-layer rules of the structured kernel: a layer's calls -> kernel factors, and their algebra.
+"""The table of structured layer rules: which layers get per-layer Gram factors, and how.
 
-A factor is one layer's contribution to K for a block of samples, in one of three forms:
-("gram", A (c, T, p), D (c·k, T, q)): K[(i,a),(j,b)] = Σ_{t,s} (A_it · A_js)(D_(ia)t · D_(jb)s) —
-layer inputs (bias folded in as a constant input 1) and output cotangents at T positions;
-("rows", R (c·k, r), None): per-sample gradients, K = R Rᵀ;
-("tokens", ids (c, T), D (c·k, T, q)): an embedding, K = Σ_{t,s} [ids_it = ids_js] D·D.
-:func:`contract_factors` gives the kernel block between two factors, :func:`apply_factor` the
-product K·v of one factor's kernel without forming it.
+``RULES`` maps a layer type — or, for a library plstar does not import, its qualified class name
+(``"package.module.Class"``) or bare class name (``"Conv1D"``) — to a
+:class:`~plstar.factors.LayerRule`.
+A module finds its rule by ``isinstance`` in MRO order, so subclasses (timm's ``LayerNorm``, a
+``Linear`` subclass) use their base's rule; since a subclass may compute something else, every
+rule states the output it assumes (``reference``), which plstar checks against the module's real
+output on the first two samples before trusting the rule (see :mod:`plstar.structured`).
+
+Built in: ``nn.Linear``, Hugging Face's ``Conv1D`` (a Linear with the weight stored transposed),
+``nn.Conv1d/2d`` (any padding and groups, :mod:`plstar.conv_rules`), ``nn.Embedding``, the affine
+parameters of LayerNorm / RMSNorm / GroupNorm / eval-mode BatchNorm, and plstar's NTK layers.
+:func:`register_rule` adds users' own layers.
 """
 
 from __future__ import annotations
@@ -15,115 +20,180 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plstar.conv_rules import ConvRule
+from plstar.errors import PlstarInputError
+from plstar.factors import GRAM_SLOWDOWN, Factor, LayerRule, Use, weight_factors, weight_inputs
 from plstar.models import NTKConv2d, NTKLinear
 
-Factor = tuple[str, Tensor, Tensor | None]
-"""("gram", A (c, T, p), D (c·k, T, q)) or ("rows", R (c·k, r), None) or ("tokens", ids, D)."""
+__all__ = ["RULES", "LayerRule", "layer_factors", "register_rule", "rule_for", "unsupported"]
 
 
-def _conv_is_plain(module: nn.Module) -> bool:
-    return (
-        module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-    )
-
-
-def has_rule(module: nn.Module) -> bool:
-    kind = type(module)
-    if kind in (nn.Linear, NTKLinear, NTKConv2d):
-        return True
-    if kind in (nn.Conv1d, nn.Conv2d):
-        return _conv_is_plain(module)
-    if kind is nn.Embedding:
-        return module.max_norm is None and not module.scale_grad_by_freq
-    if kind in (nn.LayerNorm, nn.GroupNorm):
-        return module.weight is not None
-    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        return module.affine and not module.training and module.running_mean is not None
-    return False
-
-
-def _positions(t: Tensor, c: int, width: int) -> Tensor:
-    """(c, ..., width) channel-last -> (c, T, width)."""
-    return t.reshape(c, -1, width)
-
-
-def _channels_last(t: Tensor) -> Tensor:
-    """(c, C, *spatial) -> (c, T, C)."""
-    return t.flatten(2).transpose(1, 2)
+def _trainable(module: nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
 def _join(parts: list[Tensor]) -> Tensor:
-    """Concatenation along positions; a single call's tensor is used as it is (no copy)."""
+    """Calls concatenated along positions; a single call's tensor is used as it is (no copy)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _weight_inputs(inputs: Tensor, scale: float, bias: bool) -> Tensor:
-    """scale·inputs, with a constant 1 appended when the bias rides along, written in one pass."""
-    if scale == 1.0 and not bias:
-        return inputs
-    p = inputs.shape[-1]
-    out = inputs.new_empty((*inputs.shape[:-1], p + int(bias)))
-    torch.mul(inputs, scale, out=out[..., :p])
-    if bias:  # the bias is the weight of a constant input 1: one Gram covers both
-        out[..., p] = 1.0
-    return out
+class LinearRule(LayerRule):
+    """z = W a + b at every position of the input's trailing dimension.
 
-
-def layer_factors(module: nn.Module, uses: list[tuple[Tensor, Tensor]], k: int) -> list[Factor]:
-    """The kernel factors of one module over all its calls in a forward pass.
-
-    ``uses`` holds (input, cotangent) per call, the cotangent (c, k, *output shape) = ∂f_a(x_i)/∂z_i.
-    Calls are concatenated along positions, so a module applied twice gets its cross terms.
+    ``transposed``: the weight is stored (in, out), as in Hugging Face's ``Conv1D``;
+    ``scaled``: z = scale·W a + b, plstar's NTK layer. The factor is the same either way: the
+    Gram form does not depend on how W is laid out.
     """
-    c = uses[0][0].shape[0]
-    trainable = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
-    factors: list[Factor] = []
-    if isinstance(module, nn.Embedding):
+
+    def __init__(self, *, transposed: bool = False, scaled: bool = False) -> None:
+        self.transposed, self.scaled = transposed, scaled
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        return None if module.weight.ndim == 2 else "its weight is not a matrix"
+
+    def reference(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        weight = module.weight.T if self.transposed else module.weight
+        if not self.scaled:
+            return F.linear(inputs, weight, module.bias)
+        out = F.linear(inputs, weight) * module.scale
+        return out if module.bias is None else out + module.bias
+
+    def _positions(self, module: nn.Module, uses: list[Use], k: int) -> tuple[Tensor, Tensor]:
+        """Inputs (c, T, d_in) and cotangents (c·k, T, d_out) of all calls, at T positions."""
+        c = uses[0][0].shape[0]
+        d_out, d_in = module.weight.shape[:: -1 if self.transposed else 1]
+        inputs = _join([a.reshape(c, -1, d_in) for a, _ in uses])
+        return inputs, _join([cot.reshape(c * k, -1, d_out) for _, cot in uses])
+
+    def factors(self, module: nn.Module, uses: list[Use], k: int) -> list[Factor]:
+        inputs, delta = self._positions(module, uses, k)
+        trainable = _trainable(module)
+        has_bias = "bias" in trainable and module.bias is not None
+        if "weight" in trainable:
+            scale = module.scale if self.scaled else 1.0
+            return weight_factors(weight_inputs(inputs, scale, has_bias), delta)
+        return [("rows", delta.sum(dim=1), None)] if has_bias else []
+
+    def gradients(self, module: nn.Module, uses: list[Use], k: int) -> dict[str, Tensor]:
+        inputs, delta = self._positions(module, uses, k)
+        c, (d_in, d_out) = inputs.shape[0], (inputs.shape[2], delta.shape[2])
+        grads, trainable = {}, _trainable(module)
+        if "weight" in trainable:
+            scale = module.scale if self.scaled else 1.0
+            grad = torch.einsum("cktq,ctp->ckqp", delta.view(c, k, *delta.shape[1:]), inputs)
+            grad = (grad * scale).reshape(c * k, d_out, d_in)
+            grads["weight"] = grad.transpose(1, 2) if self.transposed else grad
+        if "bias" in trainable and module.bias is not None:
+            grads["bias"] = delta.sum(dim=1)
+        return grads
+
+
+class EmbeddingRule(LayerRule):
+    """Rows of a table picked by integer ids: a "tokens" factor (K sums over equal ids)."""
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if module.max_norm is not None:
+            return "max_norm renormalises the table inside the forward"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq rescales its gradients"
+        return None
+
+    def reference(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        return F.embedding(inputs, module.weight)
+
+    def factors(self, module: nn.Module, uses: list[Use], k: int) -> list[Factor]:
+        """The "tokens" form, T²(1 + k²d) per sample pair (×2: it sums over position pairs), or
+        — when the table is small (position embeddings) — its per-sample gradients, k²·V·d per
+        pair: the cheaper."""
+        tokens, delta = self._tokens(module, uses, k)
+        positions, (rows, dim) = tokens.shape[1], module.weight.shape
+        if k * k * rows * dim < GRAM_SLOWDOWN * positions * positions * (1 + k * k * dim):
+            grad = self.gradients(module, uses, k)["weight"]
+            return [("rows", grad.reshape(grad.shape[0], -1), None)]
+        return [("tokens", tokens, delta)]
+
+    def _tokens(self, module: nn.Module, uses: list[Use], k: int) -> tuple[Tensor, Tensor]:
+        """ids (c, T) of all calls and their cotangents (c·k, T, d), padding rows zeroed."""
+        c, dim = uses[0][0].shape[0], module.weight.shape[1]
         tokens = torch.cat([a.reshape(c, -1) for a, _ in uses], dim=1)
-        delta = torch.cat([cot.reshape(c * k, -1, module.embedding_dim) for _, cot in uses], dim=1)
+        delta = torch.cat([cot.reshape(c * k, -1, dim) for _, cot in uses], dim=1)
         if module.padding_idx is not None:  # the padding row receives no gradient
             keep = (tokens != module.padding_idx).repeat_interleave(k, dim=0)
             delta = delta * keep[..., None]
-        return [("tokens", tokens, delta)]
-    if isinstance(module, nn.Linear | NTKLinear):
-        d_in, d_out = module.in_features, module.out_features
-        inputs = _join([_positions(a, c, d_in) for a, _ in uses])
-        delta = _join([cot.reshape(c * k, -1, d_out) for _, cot in uses])
-        scale = module.scale if isinstance(module, NTKLinear) else 1.0
-    elif isinstance(module, nn.Conv1d | nn.Conv2d | NTKConv2d):
-        inputs = _join([_patches(module, a) for a, _ in uses])
-        delta = _join([_channels_last(cot.reshape(c * k, *cot.shape[2:])) for _, cot in uses])
-        scale = module.scale if isinstance(module, NTKConv2d) else 1.0
-    else:
-        return _affine_factors(module, uses, k, trainable)
-    has_bias = "bias" in trainable and module.bias is not None
-    if "weight" in trainable:
-        factors.append(_weight_factor(_weight_inputs(inputs, scale, has_bias), delta))
-    elif has_bias:
-        factors.append(("rows", delta.sum(dim=1), None))
-    return factors
+        return tokens, delta
+
+    def gradients(self, module: nn.Module, uses: list[Use], k: int) -> dict[str, Tensor]:
+        tokens, delta = self._tokens(module, uses, k)
+        ck, _, dim = delta.shape
+        ids = tokens.repeat_interleave(k, dim=0)[..., None].expand(-1, -1, dim)
+        grad = delta.new_zeros((ck, module.weight.shape[0], dim))
+        return {"weight": grad.scatter_add_(1, ids, delta)}
 
 
-def _affine_factors(
-    module: nn.Module, uses: list[tuple[Tensor, Tensor]], k: int, trainable: set[str]
-) -> list[Factor]:
-    """Per-sample gradients of a normalisation layer's affine parameters, summed over calls."""
-    c = uses[0][0].shape[0]
-    grad_w: Tensor | None = None
-    grad_b: Tensor | None = None
-    for a, cot in uses:
-        delta = cot.reshape(c * k, *cot.shape[2:])
-        dims = _affine_reduction_dims(module, delta.ndim)
-        w = _sum_over(delta * _normalized_input(module, a).repeat_interleave(k, dim=0), dims)
-        b = _sum_over(delta, dims)
-        grad_w = w if grad_w is None else grad_w + w
-        grad_b = b if grad_b is None else grad_b + b
-    factors: list[Factor] = []
-    if "weight" in trainable and grad_w is not None:
-        factors.append(("rows", grad_w.reshape(c * k, -1), None))
-    if "bias" in trainable and module.bias is not None and grad_b is not None:
-        factors.append(("rows", grad_b.reshape(c * k, -1), None))
-    return factors
+class NormRule(LayerRule):
+    """The affine parameters of a normalisation layer, y = w ⊙ x̂ + b: per-sample gradients
+    Σ δ ⊙ x̂ and Σ δ over the positions that share a parameter ("rows" factors; they are small).
+    ``kind`` is "layer", "rms", "group" or "batch" (eval mode, running statistics)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if self.kind == "batch" and (module.training or module.running_mean is None):
+            return "it normalises with batch statistics (train mode or no running statistics)"
+        return None
+
+    def normalized(self, module: nn.Module, a: Tensor) -> Tensor:
+        """x̂: the input normalised, before the affine parameters."""
+        if self.kind == "layer":
+            return F.layer_norm(a, module.normalized_shape, eps=module.eps)
+        if self.kind == "rms":
+            return F.rms_norm(a, module.normalized_shape, eps=module.eps)
+        if self.kind == "group":
+            return F.group_norm(a, module.num_groups, eps=module.eps)
+        return F.batch_norm(
+            a, module.running_mean, module.running_var, training=False, eps=module.eps
+        )
+
+    def reference(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        out = self.normalized(module, inputs)
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if self.kind in ("group", "batch"):  # one parameter per channel, dimension 1
+            shape = (-1, *[1] * (inputs.ndim - 2))
+            weight = None if weight is None else weight.view(shape)
+            bias = None if bias is None else bias.view(shape)
+        out = out if weight is None else out * weight
+        return out if bias is None else out + bias
+
+    def factors(self, module: nn.Module, uses: list[Use], k: int) -> list[Factor]:
+        c, trainable = uses[0][0].shape[0], _trainable(module)
+        grad_w: Tensor | None = None
+        grad_b: Tensor | None = None
+        for a, cot in uses:  # cot (c, k, *output shape), x̂ (c, *output shape)
+            if self.kind in ("layer", "rms"):  # parameters shared over the leading dimensions
+                dims = tuple(range(2, cot.ndim - len(module.normalized_shape)))
+            else:  # one parameter per channel (dimension 2 here), shared over the rest
+                dims = tuple(range(3, cot.ndim))
+            w = _sum_over(cot * self.normalized(module, a).unsqueeze(1), dims)
+            b = _sum_over(cot, dims)
+            grad_w = w if grad_w is None else grad_w + w
+            grad_b = b if grad_b is None else grad_b + b
+        factors: list[Factor] = []
+        if "weight" in trainable and grad_w is not None:
+            factors.append(("rows", grad_w.reshape(c * k, -1), None))
+        if "bias" in trainable and grad_b is not None:
+            factors.append(("rows", grad_b.reshape(c * k, -1), None))
+        return factors
+
+
+class NoRule(LayerRule):
+    """A layer known to have no structured rule, with the reason (its parameters take rows)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        return self.reason
 
 
 def _sum_over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -131,112 +201,121 @@ def _sum_over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     return t.sum(dim=dims) if dims else t
 
 
-def _weight_factor(inputs: Tensor, delta: Tensor) -> Factor:
-    """Gram form when it is cheaper than materialising per-sample weight gradients."""
-    c, positions, p = inputs.shape
-    ck, _, q = delta.shape
-    k = ck // c
-    gram_cost = positions * positions * (p + k * k * q)
-    rows_cost = k * k * p * q
-    if positions == 1 or gram_cost <= rows_cost:
-        return ("gram", inputs, delta)
-    per_sample = torch.einsum("ctq,ctp->cqp", delta, inputs.repeat_interleave(k, dim=0))
-    return ("rows", per_sample.reshape(ck, q * p), None)
+RULES: dict[type[nn.Module] | str, LayerRule] = {
+    nn.Linear: LinearRule(),
+    NTKLinear: LinearRule(scaled=True),
+    # Hugging Face's GPT-2 layer (transformers.pytorch_utils.Conv1D) and copies of it, matched by
+    # class name so plstar need not import transformers; the reference check confirms the layout
+    "Conv1D": LinearRule(transposed=True),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    NTKConv2d: ConvRule(scaled=True),
+    nn.Embedding: EmbeddingRule(),
+    nn.LayerNorm: NormRule("layer"),
+    nn.RMSNorm: NormRule("rms"),
+    nn.GroupNorm: NormRule("group"),
+    nn.modules.batchnorm._BatchNorm: NormRule("batch"),
+    # Its q/k/v projections happen inside F.multi_head_attention_forward, where no hook sees
+    # their outputs, and out_proj's weight is read there without calling out_proj
+    nn.MultiheadAttention: NoRule(
+        "nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward, "
+        "out of the hooks' reach"
+    ),
+}
+"""Layer type (or qualified class name) -> rule; read through :func:`rule_for`."""
+_GENERATION = 0
 
 
-def _patches(module: nn.Module, a: Tensor) -> Tensor:
-    """Unfolded input patches (c, T, C_in·∏kernel), in the order of the flattened weight."""
-    if a.ndim == 3:  # Conv1d as a 2-D convolution of height 1
-        a = a.unsqueeze(2)
-        kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
-        padding, stride = (0, *module.padding), (1, *module.stride)
-    else:
-        kernel, dilation = _pair(module.kernel_size), _pair(getattr(module, "dilation", 1))
-        padding, stride = _pair(module.padding), _pair(module.stride)
-    cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-    return cols.transpose(1, 2)
+def register_rule(module_type: type[nn.Module] | str, rule: LayerRule) -> None:
+    """Give a layer type — your own, or one plstar has no rule for — a structured rule.
 
+    ``module_type`` is a subclass of ``nn.Module`` or a qualified class name
+    (``"package.module.ClassName"``, for a library you would rather not import first); it applies
+    to subclasses too, and replaces any rule the type had. ``rule`` is a
+    :class:`~plstar.factors.LayerRule`: reuse a built-in one for a layer that computes the same
+    thing (``register_rule(MyLinear, RULES[nn.Linear])``) or subclass it.
+    plstar checks a rule before using it (its ``reference`` against the module's output, its
+    kernel entries against plain gradients) and gives any module that fails Jacobian rows.
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+    Raises PlstarInputError when ``module_type`` is not a module class or a dotted name, or
+    ``rule`` is not a LayerRule.
 
-
-def _normalized_input(module: nn.Module, a: Tensor) -> Tensor:
-    if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(a, module.normalized_shape, eps=module.eps)
-    if isinstance(module, nn.GroupNorm):
-        return F.group_norm(a, module.num_groups, eps=module.eps)
-    return F.batch_norm(a, module.running_mean, module.running_var, training=False, eps=module.eps)
-
-
-def _affine_reduction_dims(module: nn.Module, ndim: int) -> tuple[int, ...]:
-    """Dims summed to get per-sample affine gradients from (c·k, ...) tensors."""
-    if isinstance(module, nn.LayerNorm):
-        return tuple(range(1, ndim - len(module.normalized_shape)))
-    return tuple(range(2, ndim))
-
-
-def contract_factors(left: Factor, right: Factor, k: int) -> Tensor:
-    kind, a1, d1 = left
-    _, a2, d2 = right
-    if kind == "rows":
-        return a1 @ a2.T
-    c1, c2 = a1.shape[0], a2.shape[0]
-    if kind == "tokens":
-        same = (a1[:, None, :, None] == a2[None, :, None, :]).to(d1.dtype)  # (c1, c2, T1, T2)
-        cot = torch.einsum("ItQ,JsQ->IJts", d1, d2).view(c1, k, c2, k, *same.shape[2:])
-        return (cot * same[:, None, :, None]).sum(dim=(-2, -1)).reshape(c1 * k, c2 * k)
-    if a1.shape[1] == 1:
-        grams = a1[:, 0] @ a2[:, 0].T
-        cot = (d1[:, 0] @ d2[:, 0].T).view(c1, k, c2, k)
-        return (cot * grams[:, None, :, None]).reshape(c1 * k, c2 * k)
-    grams = torch.einsum("itp,jsp->ijts", a1, a2)
-    cot = torch.einsum("ItQ,JsQ->IJts", d1, d2).view(c1, k, c2, k, *grams.shape[2:])
-    return (cot * grams[:, None, :, None]).sum(dim=(-2, -1)).reshape(c1 * k, c2 * k)
-
-
-def pull_factor(factor: Factor, v: Tensor, k: int) -> Tensor:
-    """The factor's Jacobian transposed times v: v (c·k, b) -> a parameter-space tensor.
-
-    Shapes: "rows" (r, b); "gram" (b, q, p); "tokens" (ids + 1, q, b) indexed by token id.
-    Summed over sample blocks, then :func:`push_factor` gives K·v. Cost ≈ c·k·T·p·q·b ("gram").
+    >>> import torch
+    >>> from torch import nn
+    >>> import plstar
+    >>> from plstar.layer_rules import RULES
+    >>> class Affine(nn.Module):  # computes F.linear, but is no nn.Linear
+    ...     def __init__(self, d_in, d_out):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.randn(d_out, d_in))
+    ...         self.bias = nn.Parameter(torch.zeros(d_out))
+    ...     def forward(self, a):
+    ...         return nn.functional.linear(a, self.weight, self.bias)
+    >>> plstar.register_rule(Affine, RULES[nn.Linear])
+    >>> model = nn.Sequential(Affine(3, 4), nn.Tanh(), Affine(4, 2)).double()
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> bool(torch.allclose(plstar.tangent_kernel(model, x, implementation="structured"),
+    ...                     plstar.tangent_kernel(model, x, implementation="jacobian")))
+    True
     """
-    kind, first, second = factor
-    if kind == "rows":
-        return first.T @ v
-    assert second is not None
-    ck, b = v.shape
-    c, T, q = ck // k, second.shape[1], second.shape[2]
-    if kind == "tokens":
-        ids = first.repeat_interleave(k, dim=0).reshape(-1)  # (c·k·T,)
-        weighted = (second[..., None] * v[:, None, None, :]).reshape(-1, q, b)
-        table = torch.zeros((int(ids.max()) + 1, q, b), dtype=second.dtype, device=second.device)
-        return table.index_add_(0, ids, weighted)
-    weighted = torch.einsum("iab,iatq->ibtq", v.view(c, k, b), second.view(c, k, T, q))
-    return torch.einsum("ibtq,itp->bqp", weighted, first)
+    is_type = isinstance(module_type, type) and issubclass(module_type, nn.Module)
+    if not is_type and not (isinstance(module_type, str) and "." in module_type):
+        raise PlstarInputError(
+            f"module_type must be an nn.Module subclass or a 'package.module.Class' name, got "
+            f"{module_type!r}"
+        )
+    if not isinstance(rule, LayerRule):
+        raise PlstarInputError(
+            f"rule must be a plstar.LayerRule, got {type(rule).__name__}; subclass LayerRule "
+            "or reuse one from plstar.layer_rules.RULES"
+        )
+    RULES[module_type] = rule
+    global _GENERATION
+    _GENERATION += 1
 
 
-def push_factor(factor: Factor, pulled: Tensor, k: int) -> Tensor:
-    """The factor's Jacobian times a parameter-space tensor from :func:`pull_factor`: (c·k, b)."""
-    kind, first, second = factor
-    if kind == "rows":
-        return first @ pulled
-    assert second is not None
-    c, T, q = first.shape[0], second.shape[1], second.shape[2]
-    if kind == "tokens":
-        rows = pulled[first.repeat_interleave(k, dim=0)]  # (c·k, T, q, b)
-        return torch.einsum("Itq,Itqb->Ib", second, rows)
-    mixed = torch.einsum("bqp,itp->ibtq", pulled, first)
-    return torch.einsum("iatq,ibtq->iab", second.view(c, k, T, q), mixed).reshape(c * k, -1)
+def generation() -> int:
+    """How many times :func:`register_rule` changed the table (cached routings are per value)."""
+    return _GENERATION
 
 
-def add_pulled(total: Tensor | None, part: Tensor, kind: str) -> Tensor:
-    """Sum of :func:`pull_factor` results over sample blocks (token tables may differ in length)."""
-    if total is None:
-        return part
-    if kind == "tokens" and total.shape[0] != part.shape[0]:
-        longer, shorter = (total, part) if total.shape[0] > part.shape[0] else (part, total)
-        longer = longer.clone()
-        longer[: shorter.shape[0]] += shorter
-        return longer
-    return total + part
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule of the nearest class in ``type(module).__mro__`` that has one (by type, then
+    qualified name, then bare class name), else None."""
+    for kind in type(module).__mro__:
+        rule = (
+            RULES.get(kind)
+            or RULES.get(f"{kind.__module__}.{kind.__qualname__}")
+            or RULES.get(kind.__qualname__)
+        )
+        if rule is not None:
+            return rule
+    return None
+
+
+def gives_gradients(rule: LayerRule | None) -> bool:
+    """Whether ``rule`` implements per-sample gradients (needed for shared parameters)."""
+    return rule is not None and type(rule).gradients is not LayerRule.gradients
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """Why ``module`` cannot have structured factors (no rule, or options its rule lacks)."""
+    rule = rule_for(module)
+    if rule is None:
+        return f"no rule for {type(module).__name__}"
+    try:
+        return rule.unsupported(module)
+    except AttributeError as missing:  # a subclass without the attributes its base's rule reads
+        return f"{type(module).__name__} lacks what its rule reads ({missing})"
+
+
+def layer_factors(module: nn.Module, uses: list[Use], k: int) -> list[Factor]:
+    """The kernel factors of one module over all its calls in a forward pass.
+
+    ``uses`` holds (input, cotangent) per call, the cotangent (c, k, *output shape) =
+    ∂f_a(x_i)/∂z_i. Calls are concatenated along positions, so a module applied twice gets its
+    cross terms.
+    """
+    rule = rule_for(module)
+    assert rule is not None
+    return rule.factors(module, uses, k)

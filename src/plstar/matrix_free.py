@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from plstar import structured
+from plstar.entry_check import verified_probe
 from plstar.errors import PlstarInputError
-from plstar.functional import Params, chunks
-from plstar.kernel import forward_products, passes_entry_check, prepare_inputs
+from plstar.functional import OutputSelector, Params, chunks, differentiable_attention
+from plstar.kernel import forward_products, prepare_inputs
 from plstar.planning import activation_bytes_per_sample, default_memory_budget
 from plstar.validation import choice, floating_dtype
 from plstar.validation import memory_budget as check_budget
@@ -39,7 +40,8 @@ class KernelOperator:
       the data, in sample blocks; memory ≈ b·m plus one block's activations.
 
     ``"auto"`` (default) takes "structured" when a layer rule applies, the features fit in half the
-    memory budget and the entry check against plain gradients passes, else "ntvp".
+    memory budget and the entry check against plain gradients passes, else "ntvp". ``output``
+    picks F from what the model returns (see :func:`plstar.tangent_kernel`).
     ``to_scipy()`` wraps the operator as a scipy LinearOperator.
     """
 
@@ -51,11 +53,12 @@ class KernelOperator:
         implementation: OperatorImplementation = "auto",
         dtype: torch.dtype = torch.float64,
         memory_budget: int | None = None,
+        output: OutputSelector | None = None,
     ) -> None:
         choice("implementation", implementation, ("auto", "structured", "ntvp"))
         self.dtype = floating_dtype("dtype", dtype)
         budget = check_budget(memory_budget) or default_memory_budget()
-        self.fmodel, self.x, _ = prepare_inputs(model, x, None, budget)
+        self.fmodel, self.x, _ = prepare_inputs(model, x, None, budget, output)
         n, k = self.x.shape[0], self.fmodel.k
         self.shape = (n * k, n * k)
         per_sample = 4 * activation_bytes_per_sample(self.fmodel, self.x)
@@ -72,8 +75,10 @@ class KernelOperator:
         fm, x, n = self.fmodel, self.x, self.x.shape[0]
         if implementation == "auto" and not structured.split_parameters(fm)[0]:
             return None
-        found = structured.probe(fm, x)
-        needed = 0 if found is None else n * found.bytes(self.dtype, fm.k)[0]
+        found = verified_probe(fm, x, strict=implementation == "structured", memory_budget=budget)
+        if found is None:  # "auto", and the structured kernel disagrees with plain gradients
+            return None
+        needed = n * found.bytes(self.dtype, fm.k)[0]
         if needed > budget // 2:
             if implementation == "structured":
                 raise PlstarInputError(
@@ -82,9 +87,6 @@ class KernelOperator:
                     "use implementation='ntvp'"
                 )
             return None
-        if not passes_entry_check(fm, x, found, implementation):
-            return None
-        assert found is not None
         block = max(
             1, min(n, (budget // 2 - needed) // max(1, 4 * found.bytes(self.dtype, fm.k)[0]))
         )
@@ -107,11 +109,13 @@ class KernelOperator:
         return torch.cat([structured.push_features(f, pulled, k) for _, f in self.features])
 
     def _transpose_product(self, v: Tensor) -> Params:
-        """Jᵀ V for V (b, n, k): parameter-shaped tensors with a leading b."""
+        """Jᵀ V for V (b, n, k): parameter-shaped tensors with a leading b. The pullback is vmapped,
+        which fused attention's backward cannot be (a slow per-column loop): math backend."""
         fm, total = self.fmodel, None
         for rows in chunks(self.x.shape[0], self.block):
-            _, pullback = vjp(lambda p, rows=rows: fm(p, self.x[rows]), fm.params)
-            part = vmap(pullback)(v[:, rows].to(fm.dtype))[0]
+            with differentiable_attention():
+                _, pullback = vjp(lambda p, rows=rows: fm(p, self.x[rows]), fm.params)
+                part = vmap(pullback)(v[:, rows].to(fm.dtype))[0]
             total = part if total is None else {name: total[name] + part[name] for name in part}
         assert total is not None
         return total
@@ -171,12 +175,15 @@ def kernel_operator(
     implementation: OperatorImplementation = "auto",
     dtype: torch.dtype = torch.float64,
     memory_budget: int | None = None,
+    output: OutputSelector | None = None,
 ) -> KernelOperator:
     """Matrix-free tangent kernel of ``model`` on x: ``op @ v``, ``op.shape``, ``op.to_scipy()``.
 
     Shapes: op.shape == (n·k, n·k). Cost per product: see :class:`KernelOperator` ("structured":
     two contractions per layer with kept features; "ntvp": a reverse and a forward-mode pass).
+    ``output`` picks F from what the model returns (see :func:`plstar.tangent_kernel`).
     """
     return KernelOperator(
-        model, x, implementation=implementation, dtype=dtype, memory_budget=memory_budget
-    )
+        model, x, implementation=implementation, dtype=dtype, memory_budget=memory_budget,
+        output=output,
+    )  # fmt: skip

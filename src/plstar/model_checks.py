@@ -80,7 +80,7 @@ def refuse_ill_defined(module: nn.Module) -> None:
             )
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     text = text if len(text) <= 200 else text[:197] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -139,28 +139,37 @@ class _Runner:
 
     def raw(self, rows: slice) -> object:
         try:
-            return self.fmodel.pick(self.fmodel.output(self.fmodel.params, self.cast(rows)))
+            returned = self.fmodel.output(self.fmodel.params, self.cast(rows))
         except (DataError, KeyboardInterrupt):
             raise
         except Exception as error:  # a user's model can raise anything: name the sample
             raise self._failure(rows, error) from error
+        try:  # the default selection never raises; a user's selector may
+            return self.fmodel.pick(returned)
+        except (PlstarInputError, KeyboardInterrupt):  # a selector's own refusal says it all
+            raise
+        except Exception as error:  # the user's selector, not the model: say so
+            raise PlstarInputError(
+                f"output= could not pick F from what the model returned on {_span(rows)} of x "
+                f"({type(returned).__name__}): {one_line(error)}"
+            ) from error
 
     def _failure(self, rows: slice, error: Exception) -> PlstarInputError:
         where = f"x of shape {self.shape}"
         for i in range(rows.start, rows.stop) if rows.stop - rows.start > 1 else ():
             try:
-                self.fmodel.pick(self.fmodel.output(self.fmodel.params, self.cast(slice(i, i + 1))))
+                self.fmodel.output(self.fmodel.params, self.cast(slice(i, i + 1)))
             except Exception as alone:  # the first sample that fails on its own
                 return PlstarInputError(
-                    f"the model could not run on sample {i} of {where}: {_one_line(alone)}"
+                    f"the model could not run on sample {i} of {where}: {one_line(alone)}"
                 )
         if rows.stop - rows.start > 1:
             return IllDefinedModelError(
                 f"the model is batch-coupled: it fails on {_span(rows)} of {where} together "
-                f"({_one_line(error)}) but runs on each alone"
+                f"({one_line(error)}) but runs on each alone"
             )
         return PlstarInputError(
-            f"the model could not run on sample {rows.start} of {where}: {_one_line(error)}"
+            f"the model could not run on sample {rows.start} of {where}: {one_line(error)}"
         )
 
     def refuse_if_runs_together(self, rows: slice, alone: PlstarInputError) -> None:
@@ -173,7 +182,7 @@ class _Runner:
             return
         raise IllDefinedModelError(
             f"the model is batch-coupled: it runs on {_span(rows)} of x together but not on "
-            f"sample {rows.start} alone ({_one_line(alone.__cause__)}); plstar needs per-sample "
+            f"sample {rows.start} alone ({one_line(alone.__cause__)}); plstar needs per-sample "
             "outputs (batch statistics in train mode?)"
         ) from alone
 
@@ -181,6 +190,11 @@ class _Runner:
         """The block's outputs as (c, k), refused unless batch first, k per sample and finite."""
         out, c = self.raw(rows), rows.stop - rows.start
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if not isinstance(out, Tensor) and self.fmodel.select is not None:
+            raise PlstarInputError(
+                f"output= must give F as a tensor, batch first (c, ...) for c samples; it gave "
+                f"{shape} on {_span(rows)} of x"
+            )
         if (
             not isinstance(out, Tensor)
             or out.ndim == 0
@@ -188,6 +202,8 @@ class _Runner:
             or (self.k and out.numel() != c * self.k)
         ):
             alone = f" (one sample gave {self.k} number(s))" if self.k else ""
+            if not isinstance(out, Tensor):
+                alone = " with no tensor in it; pass output=, a callable that picks F from it"
             raise PlstarInputError(
                 "the model must return its outputs batch first, (c, ...) for c samples: "
                 f"{_span(rows)} of x ({c}) gave {shape}{alone}"
@@ -224,10 +240,16 @@ def _signature(fmodel: FunctionalModel, x: Tensor) -> tuple | None:
     """What the data check depends on: x (its version), the module's structure (which tensors
     are trainable, their storage, the buffers' versions, every submodule's mode). Not the
     parameters' values: a training loop or certify's points move them in place, and re-running
-    the data at every step would double a step's cost. None (not remembered) for tensors made in
-    inference mode, which keep no version counter."""
+    the data at every step would double a step's cost. And the output selection (weakly held).
+    None (not remembered) for tensors made in inference mode, which keep no version counter, or a
+    selector that takes no weak reference."""
     params, buffers = fmodel.params.values(), fmodel.buffers.values()
     if x.is_inference() or any(t.is_inference() for t in [*params, *buffers]):
+        return None
+    # A weak reference: a selector that closes over the model must not keep it alive here.
+    try:
+        selection = None if fmodel.select is None else weakref.ref(fmodel.select)
+    except TypeError:  # a callable that takes no weak reference: checked on every call
         return None
     return (
         x._version, tuple(x.shape), x.dtype, x.device,
@@ -235,6 +257,7 @@ def _signature(fmodel: FunctionalModel, x: Tensor) -> tuple | None:
         tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in buffers),
         tuple(sub.training for sub in fmodel.module.modules()),
         tuple(fmodel.params), fmodel.aliases, torch.get_float32_matmul_precision(),
+        selection,  # another selection is another F (and k)
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ from plstar.certify import flat_parameters, kernel_spectrum, lambda_min_within_p
 from plstar.conditions import json_safe
 from plstar.curvature import loss_gradient, loss_sharpness
 from plstar.errors import PlstarInputError
-from plstar.functional import ProgressCallback, check_targets, make_functional
+from plstar.functional import OutputSelector, ProgressCallback, check_targets, make_functional
 from plstar.kernel import tangent_kernel
 from plstar.spectrum import Spectrum, spectrum
 from plstar.validation import callback, real_number, whole_number
@@ -65,6 +65,7 @@ def reference_point(
     seed: int = 0,
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
+    output: OutputSelector | None = None,
 ) -> Reference:
     """L₀, ∇L₀, μ and β at the current parameters (μ, β measured unless given).
 
@@ -72,17 +73,18 @@ def reference_point(
     unless ``mu`` is given; a Lanczos run on loss HVPs warm-started from ∇L₀ (which lies in the span
     of the Gauss–Newton directions DFᵀr) unless ``beta`` is given.
     """
-    loss0, gradient0 = loss_gradient(model, x, y, memory_budget=memory_budget)
+    common = {"memory_budget": memory_budget, "output": output}
+    loss0, gradient0 = loss_gradient(model, x, y, **common)
     kernel = None
     if mu is None:
-        kernel = kernel_spectrum(model, x, memory_budget=memory_budget, seed=seed)
+        kernel = kernel_spectrum(model, x, seed=seed, **common)
         mu = theory.pl_constant(lambda_min_within_precision(kernel))
         if progress is not None:
             progress("kernel at w₀", 1, 1)
     vector = gradient0 if float(gradient0.norm()) > 0 else None
     beta_error = 0.0
     if beta is None:
-        found = loss_sharpness(model, x, y, v0=vector, seed=seed, memory_budget=memory_budget)
+        found = loss_sharpness(model, x, y, v0=vector, seed=seed, **common)
         beta, beta_error, vector = found.value, found.error_bound, found.vector
         if progress is not None:
             progress("sharpness at w₀", 1, 1)
@@ -129,7 +131,8 @@ class Monitor:
     ``sharpness_iterations`` loss HVPs. ``mu``/``beta`` (the envelope's constants) are measured at
     w₀ over the full data unless given; ``rate`` defaults to GD's 1 − μ/β and ``radius`` to the GD
     theorem's R — both are public attributes (``train`` sets SGD's). ``on_record`` is called with
-    each new record (the CLI appends it to metrics.jsonl).
+    each new record (the CLI appends it to metrics.jsonl). ``output`` picks F from what the model
+    returns (see :func:`plstar.tangent_kernel`).
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Monitor:
         memory_budget: int | None = None,
         on_record: Callable[[Record], None] | None = None,
         progress: ProgressCallback | None = None,
+        output: OutputSelector | None = None,
     ) -> None:
         for name, value in (("every", every), ("kernel_samples", kernel_samples),
                             ("sharpness_iterations", sharpness_iterations)):  # fmt: skip
@@ -158,8 +162,9 @@ class Monitor:
         callback("on_record", on_record)
         callback("progress", progress)
         started = time.perf_counter()
-        fmodel = make_functional(model, x, memory_budget=memory_budget)
+        fmodel = make_functional(model, x, memory_budget=memory_budget, output=output)
         self.model, self.x, self.y = model, x, check_targets(fmodel, x, y)
+        self.output = fmodel.select
         self.n, self.k, self.m = x.shape[0], fmodel.k, fmodel.m
         self.every, self.sharpness = every, sharpness
         self.sharpness_iterations, self.seed = sharpness_iterations, seed
@@ -173,7 +178,9 @@ class Monitor:
             self.subsample = torch.randperm(self.n, generator=generator)[:kernel_samples].sort()[0]
         # one tensor for every record, so the model's data check is remembered for it
         self._kernel_x = x[self.subsample]
-        self._kernel0 = tangent_kernel(model, self._kernel_x, memory_budget=memory_budget)
+        self._kernel0 = tangent_kernel(
+            model, self._kernel_x, memory_budget=memory_budget, output=self.output
+        )
         self._kernel0_norm = float(torch.linalg.matrix_norm(self._kernel0))
         whole = len(self.subsample) == self.n
         if mu is None and whole:  # the subsample is the data: K₀ already gives μ
@@ -182,7 +189,7 @@ class Monitor:
         measured = time.perf_counter()
         self.reference = reference_point(
             model, x, self.y, mu=mu, beta=beta, seed=seed, memory_budget=memory_budget,
-            progress=progress,
+            progress=progress, output=self.output,
         )  # fmt: skip
         # What training needs anyway (train reuses it); not counted as the monitor's overhead.
         self.reference_seconds = time.perf_counter() - measured
@@ -201,12 +208,19 @@ class Monitor:
         """Index of the last recorded step (0 right after construction)."""
         return self.history[-1].step
 
-    def check_start(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        """Refuse (PlstarInputError) to watch a run of another model or other data (x, and y as
-        (n, k)), or one that does not start at this monitor's w₀: its envelope, μ and β would
-        belong to another problem."""
+    def check_start(
+        self, model: nn.Module, x: Tensor, y: Tensor, output: OutputSelector | None = None
+    ) -> None:
+        """Refuse (PlstarInputError) to watch a run of another model, other data (x, and y as
+        (n, k)) or another output selection, or one that does not start at this monitor's w₀:
+        its envelope, μ and β would belong to another problem."""
         if model is not self.model:
             raise PlstarInputError("the monitor watches another model: create it on this one")
+        if output is not self.output:
+            raise PlstarInputError(
+                "the monitor was created with another output= than the one trained on; create "
+                "it with the same output"
+            )
         for name, mine, theirs in (("x", self.x, x), ("y", self.y, y)):
             same = mine is theirs or (
                 mine.shape == theirs.shape
@@ -238,7 +252,7 @@ class Monitor:
         started = time.perf_counter()
         if loss is None or gradient is None:
             loss, gradient = loss_gradient(
-                self.model, self.x, self.y, memory_budget=self.memory_budget
+                self.model, self.x, self.y, memory_budget=self.memory_budget, output=self.output
             )
         record = self._record(self.steps + 1, float(loss), gradient, step_size)
         self.overhead_seconds += time.perf_counter() - started
@@ -261,7 +275,9 @@ class Monitor:
         return record
 
     def _measure_kernel(self, record: Record) -> None:
-        kernel = tangent_kernel(self.model, self._kernel_x, memory_budget=self.memory_budget)
+        kernel = tangent_kernel(
+            self.model, self._kernel_x, memory_budget=self.memory_budget, output=self.output
+        )
         eps = float(torch.finfo(self.w0.dtype).eps)
         found = spectrum(kernel, input_precision=eps)
         record.lambda_min, record.lambda_max = lambda_min_within_precision(found), found.lambda_max
@@ -274,6 +290,7 @@ class Monitor:
             estimate = loss_sharpness(
                 self.model, self.x, self.y, v0=self._warm, tol=1e-4,
                 max_iter=self.sharpness_iterations, seed=self.seed, memory_budget=self.memory_budget,
+                output=self.output,
             )  # fmt: skip
             record.sharpness, record.sharpness_error = estimate.value, estimate.error_bound
             self._warm = estimate.vector

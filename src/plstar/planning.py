@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from plstar import structured
-from plstar.errors import PlstarInputError
+from plstar.costs import SampleCosts, sample_costs
+from plstar.costs import activation_bytes_per_sample as activation_bytes_per_sample
+from plstar.entry_check import verified_probe
+from plstar.factors import GRAM_SLOWDOWN
 from plstar.functional import FunctionalModel
 from plstar.validation import choice, floating_dtype, whole_number
 
@@ -40,7 +43,13 @@ def default_memory_budget() -> int:
 @dataclass(frozen=True)
 class KernelPlan:
     """How a kernel will be assembled: the implementation, samples per block, the working memory
-    planned, and whether every column block's features are kept (else recomputed per row block)."""
+    planned, and whether every column block's features are kept (else recomputed per row block).
+
+    ``cost`` is the estimated work in flops that ranked the implementations under "auto"
+    (forward-pass flops are counted on one sample; see :func:`plan_kernel`). For "structured",
+    ``rows_parameters`` lists the parameters that take per-sample Jacobian rows and
+    ``rows_reasons`` says, per module, why its rule did not serve it.
+    """
 
     implementation: str
     row_block: int
@@ -49,24 +58,9 @@ class KernelPlan:
     budget_bytes: int
     result_bytes: int
     cache_columns: bool = False
-
-
-def activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
-    """Bytes autograd saves for one sample's backward pass, parameters (and views of them) excluded:
-    they are saved too, but once per batch, not per sample."""
-    saved = 0
-    params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
-    shared = {p.untyped_storage().data_ptr() for p in [*params.values(), *fmodel.buffers.values()]}
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        if t.untyped_storage().data_ptr() not in shared:
-            saved += t.numel() * t.element_size()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fmodel(params, x[:1]).sum()
-    return max(saved, 1)
+    cost: float = 0.0
+    rows_parameters: tuple[str, ...] = ()
+    rows_reasons: tuple[tuple[str, str], ...] = ()
 
 
 def _largest_block(fixed: int, per_sample: int, per_pair: int, budget: int) -> int:
@@ -77,6 +71,12 @@ def _largest_block(fixed: int, per_sample: int, per_pair: int, budget: int) -> i
     if per_pair <= 0:
         return room // per_sample
     return int((-per_sample + math.sqrt(per_sample**2 + 4 * per_pair * room)) / (2 * per_pair))
+
+
+# Relative speed of the work each implementation does, against a large GEMM (1): the structured
+# Grams are einsums over position pairs (GRAM_SLOWDOWN), forward-mode products and vmapped
+# reverse passes run at about a third.
+_PASS_SLOWDOWN = 3.0
 
 
 def plan_kernel(
@@ -93,79 +93,180 @@ def plan_kernel(
     """Choose the implementation and block sizes so working memory stays within ``memory_budget``.
 
     The budget covers working memory; the result itself (n·k · n2·k · itemsize) is counted apart.
-    "auto" takes "structured" when a layer rule covers some parameters and its Grams at least halve
-    the contraction's flops (or the Jacobian rows do not fit), else "jacobian" when a block of one
-    sample per side fits, else
-    "ntvp", whose blocks hold only one set of Jacobian rows. Features of every block are kept when
-    they fit beside blocks of at least 64 samples; otherwise two blocks are held at a time and
-    column blocks are recomputed. ``symmetric`` (x2 is x) lets one set of features serve rows and
-    columns. Sizes are measured on the first samples (``probe``: a :func:`structured.probe` already
-    made, reused), so the plan fits any module.
+    Each implementation is sized with its own byte counts — "structured" with its features
+    (measured on the first two samples, :func:`plstar.structured.probe`), "jacobian" with its
+    rows (k·m per sample), "ntvp" with one block of Jacobian rows and vmapped forward-mode
+    passes — and costed in flops: per sample, a forward pass (F, counted on one sample) and k
+    reverse passes (2F each) for the features, then "structured" Σ_layers min(T²(p + k²q), k²pq)
+    and "jacobian" k²·m multiply-adds per sample pair, "ntvp" k forward-mode passes (3F) per
+    sample pair. "auto" takes the cheapest implementation whose plan fits the budget, or the one
+    needing the least memory when none fits. "structured" is a candidate once its entry check
+    passed (``probe``: a checked probe already made, reused; else one is made here). A demanded
+    implementation is planned with blocks of one sample when even those exceed the budget.
+    Features of every block are kept when they fit beside blocks of at least 64 samples;
+    otherwise two blocks are held at a time and column blocks are recomputed. ``symmetric``
+    (x2 is x) lets one set of features serve rows and columns and halves the contraction.
     """
     implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
     dtype = floating_dtype("dtype", dtype)
     memory_budget = whole_number("memory_budget", memory_budget, minimum=1)
     n2 = whole_number("n2", n2, minimum=1)
-    n, k, m = x.shape[0], fmodel.k, fmodel.m
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    model_itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
-    activations = activation_bytes_per_sample(fmodel, x)
-    jacobian_per_sample = k * m * (itemsize + model_itemsize) + k * activations
-    result_bytes = n * k * n2 * k * itemsize
-    sizes, found = None, None
-    if implementation == "structured" or (
-        implementation == "auto" and structured.split_parameters(fmodel)[0]
-    ):
-        found = probe if probe is not None else structured.probe(fmodel, x)
-        sizes = None if found is None else found.bytes(dtype, k)
-        if sizes is None and implementation == "structured":
-            raise PlstarInputError(
-                "a layer with a structured rule does not see the batch as its first dimension; "
-                "use implementation='jacobian'"
-            )
-    if implementation == "auto":
-        # Structured only where its Grams save work: when every layer takes the per-sample-gradient
-        # form (small convolutions) it does the Jacobian's flops with more overhead.
-        saves = found is not None and found.flops_per_pair(k) < 0.5 * k * k * m
-        fits = 2 * jacobian_per_sample <= memory_budget
-        if sizes is not None and (saves or not fits):
-            implementation = "structured"
-        elif 2 * jacobian_per_sample <= memory_budget:
-            implementation = "jacobian"
-        else:
-            implementation = "ntvp"
-    if implementation in ("structured", "jacobian"):
-        if sizes is not None:  # kept features; the activations only while a block is computed
-            stored, transient, per_pair = sizes[0], k * activations, sizes[1]
-        else:
-            stored, transient, per_pair = (
-                k * m * itemsize,
-                k * (m * model_itemsize + activations),
-                0,
-            )
-        per_pair += 3 * k * k * itemsize  # the block product and its temporaries
-        samples = n if symmetric else n + n2
-        # Keep every block's features when they fit with room for blocks of ≥ 64 samples; else
-        # hold two blocks at a time and recompute column blocks.
-        cached = _largest_block(samples * stored, transient, per_pair, memory_budget)
-        cache = cached >= min(64, n, n2)
-        if cache:
-            block = cached
-        else:
-            block = max(1, _largest_block(0, 2 * stored + transient, per_pair, memory_budget))
-        row, col = min(n, block), min(n2, block)
-        held = samples * stored if cache else (row + col) * stored
-        planned = held + max(row, col) * transient + row * col * per_pair
-        return KernelPlan(
-            implementation, row, col, int(planned), memory_budget, result_bytes, cache
-        )
-    if implementation == "ntvp":
-        col = max(1, min(n2, memory_budget // (2 * jacobian_per_sample)))
-        # vmap over col·k tangents of a forward pass over ``row`` samples
-        per_row = col * k * (activations + k * itemsize) * 2
-        row = max(1, min(n, (memory_budget - col * jacobian_per_sample) // max(per_row, 1)))
-        planned = col * jacobian_per_sample + row * per_row
-        return KernelPlan(
-            implementation, int(row), int(col), int(planned), memory_budget, result_bytes
-        )
-    raise AssertionError(f"unplanned implementation {implementation!r}")
+    if probe is None and wants_structured(fmodel, implementation):
+        strict = implementation == "structured"
+        probe = verified_probe(fmodel, x, strict=strict, memory_budget=memory_budget)
+    return plan_with_probe(
+        fmodel, x, n2, implementation=implementation, dtype=dtype,
+        memory_budget=memory_budget, symmetric=symmetric, probe=probe,
+    )  # fmt: skip
+
+
+def wants_structured(fmodel: FunctionalModel, implementation: str) -> bool:
+    """Whether ``implementation`` considers the structured kernel on this model at all."""
+    return implementation == "structured" or (
+        implementation == "auto" and bool(structured.split_parameters(fmodel)[0])
+    )
+
+
+def plan_with_probe(
+    fmodel: FunctionalModel,
+    x: Tensor,
+    n2: int,
+    *,
+    implementation: str,
+    dtype: torch.dtype,
+    memory_budget: int,
+    symmetric: bool,
+    probe: structured.Probe | None,
+    costs: SampleCosts | None = None,
+) -> KernelPlan:
+    """:func:`plan_kernel` once the structured probe is settled (None: not a candidate);
+    ``costs``: :func:`sample_costs` already measured."""
+    costs = sample_costs(fmodel, x) if costs is None else costs
+    sizes = _Sizes.of(fmodel, x.shape[0], n2, dtype, costs, symmetric)
+    candidates = {
+        "structured": None if probe is None else lambda: _blocked(sizes, memory_budget, probe),
+        "jacobian": lambda: _blocked(sizes, memory_budget, None),
+        "ntvp": lambda: _ntvp(sizes, memory_budget),
+    }
+    if implementation != "auto":
+        make = candidates[implementation]
+        assert make is not None, "a demanded structured kernel needs its probe"
+        return make()
+    plans = [make() for make in candidates.values() if make is not None]
+    fitting = [plan for plan in plans if plan.planned_bytes <= memory_budget]
+    if fitting:
+        return min(fitting, key=lambda plan: plan.cost)
+    return min(plans, key=lambda plan: (plan.planned_bytes, plan.cost))
+
+
+def structured_floor(
+    fmodel: FunctionalModel, x: Tensor, n2: int, symmetric: bool, costs: SampleCosts
+) -> float:
+    """A lower bound on the cost of a "structured" plan, known before its probe: recording the
+    features of every sample once. When another plan costs less, the probe can be skipped."""
+    sizes = _Sizes.of(fmodel, x.shape[0], n2, torch.float64, costs, symmetric)
+    return (sizes.n if symmetric else sizes.n + sizes.n2) * sizes.recording_flops
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The measured quantities every plan is computed from."""
+
+    n: int
+    n2: int
+    k: int
+    m: int
+    dtype: torch.dtype
+    itemsize: int
+    model_itemsize: int
+    costs: SampleCosts
+    symmetric: bool
+    result_bytes: int
+
+    @classmethod
+    def of(
+        cls, fmodel: FunctionalModel, n: int, n2: int, dtype: torch.dtype, costs: SampleCosts,
+        symmetric: bool,
+    ) -> _Sizes:  # fmt: skip
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        model_itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
+        k = fmodel.k
+        return cls(n, n2, k, fmodel.m, dtype, itemsize, model_itemsize, costs, symmetric,
+                   n * k * n2 * k * itemsize)  # fmt: skip
+
+    @property
+    def pairs(self) -> float:
+        """Sample pairs contracted: n·n2, about half of them when x2 is x."""
+        return self.n * (self.n + 1) / 2 if self.symmetric else float(self.n * self.n2)
+
+    @property
+    def features_flops(self) -> float:
+        """One sample's Jacobian rows: a forward pass and k (vmapped) reverse passes."""
+        return self.costs.forward_flops * (1 + 2 * self.k) * _PASS_SLOWDOWN
+
+    @property
+    def recording_flops(self) -> float:
+        """One sample's structured features: a forward and a reverse pass over k copies."""
+        return self.costs.forward_flops * 3 * self.k * _PASS_SLOWDOWN
+
+    @property
+    def jacobian_bytes(self) -> int:
+        """One sample's Jacobian rows (in ``dtype`` and the model's) and k passes' activations."""
+        k, m = self.k, self.m
+        return k * m * (self.itemsize + self.model_itemsize) + k * self.costs.activation_bytes
+
+
+def _blocked(sizes: _Sizes, budget: int, probe: structured.Probe | None) -> KernelPlan:
+    """A "structured" (with ``probe``) or "jacobian" plan: features per sample block, kept when
+    they fit, contracted block pair by block pair."""
+    s, k = sizes, sizes.k
+    activations = s.costs.activation_bytes
+    if probe is not None:  # kept features; the activations only while a block is computed
+        stored, per_pair = probe.bytes(s.dtype, k)
+        fallback = bool(probe.fallback)
+        rows_m = probe.sizes(k).fallback_width
+        transient = k * activations * (2 if fallback else 1) + k * rows_m * s.model_itemsize
+        grams = probe.flops_per_pair(k, ("gram", "tokens"))
+        pair_flops = 2 * (probe.flops_per_pair(k, ("rows",)) + GRAM_SLOWDOWN * grams)
+        name = "structured"
+    else:
+        stored, per_pair = k * s.m * s.itemsize, 0
+        transient = k * (s.m * s.model_itemsize + activations)
+        pair_flops = 2 * k * k * s.m
+        name = "jacobian"
+    per_pair += 3 * k * k * s.itemsize  # the block product and its temporaries
+    samples = s.n if s.symmetric else s.n + s.n2
+    # Keep every block's features when they fit with room for blocks of ≥ 64 samples; else hold
+    # two blocks at a time and recompute column blocks.
+    cached = _largest_block(samples * stored, transient, per_pair, budget)
+    cache = cached >= min(64, s.n, s.n2)
+    block = cached if cache else max(1, _largest_block(0, 2 * stored + transient, per_pair, budget))
+    row, col = min(s.n, block), min(s.n2, block)
+    held = samples * stored if cache else (row + col) * stored
+    planned = held + max(row, col) * transient + row * col * per_pair
+    computed = samples if cache or s.symmetric else s.n + s.n2 * math.ceil(s.n / row)
+    if probe is None:
+        feature_flops = computed * s.features_flops
+    else:  # the fallback parameters' Jacobian rows cost a vmapped pass of their own
+        feature_flops = computed * (s.recording_flops + (s.features_flops if fallback else 0))
+    cost = feature_flops + s.pairs * pair_flops
+    rows, reasons = ((), ()) if probe is None else (
+        tuple(probe.fallback), tuple(sorted(probe.rows_reasons.items()))
+    )  # fmt: skip
+    return KernelPlan(
+        name, row, col, int(planned), budget, s.result_bytes, cache, cost, rows, reasons
+    )
+
+
+def _ntvp(sizes: _Sizes, budget: int) -> KernelPlan:
+    """An "ntvp" plan: Jacobian rows of a column block, pushed through forward-mode passes."""
+    s, k = sizes, sizes.k
+    col = max(1, min(s.n2, budget // (2 * s.jacobian_bytes)))
+    # vmap over col·k tangents of a forward pass over ``row`` samples
+    per_row = col * k * (s.costs.activation_bytes + k * s.itemsize) * 2
+    row = max(1, min(s.n, (budget - col * s.jacobian_bytes) // max(per_row, 1)))
+    planned = col * s.jacobian_bytes + row * per_row
+    passes = s.pairs * k * 3 * s.costs.forward_flops * _PASS_SLOWDOWN
+    cost = s.n2 * s.features_flops + passes
+    return KernelPlan("ntvp", int(row), int(col), int(planned), budget, s.result_bytes,
+                      cost=cost)  # fmt: skip

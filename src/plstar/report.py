@@ -17,6 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from plstar.conditions import Analysis
+from plstar.curvature import EigenEstimate
 from plstar.errors import PlstarInputError
 
 
@@ -36,6 +37,15 @@ def with_error(value: float | None, error: float | None) -> str:
     return fmt(value) if error is None else f"{fmt(value)} ± {error:.2g}"
 
 
+def estimate(found: EigenEstimate | None, failed: str | None) -> str:
+    """An eigenvalue estimate for a table: 'value ± error', marked when it stopped before its
+    tolerance, 'failed' when its stage raised."""
+    if found is None:
+        return "failed" if failed is not None else "—"
+    text = with_error(found.value, found.error_bound)
+    return text if found.converged else f"{text} (not converged)"
+
+
 def analysis_table(a: Analysis, *, title: str = "plstar analyze") -> Table:
     """The summary table of ``plstar analyze``: problem, kernel, landscape, GD theorem."""
     table = Table(title=title, show_header=True, header_style="bold", title_justify="left")
@@ -46,11 +56,14 @@ def analysis_table(a: Analysis, *, title: str = "plstar analyze") -> Table:
     regime = "over-parameterized" if a.overparameterized else "UNDER-parameterized"
     kernel = a.kernel
     hess = a.hessian_norm
-    hess_scope = (
-        "max over all outputs"
-        if hess.outputs_examined == hess.outputs_total
-        else f"max over {hess.outputs_examined} random outputs of {hess.outputs_total}"
-    )
+    if hess is None:
+        hess_scope = "max_j ‖H_{F_j}‖₂; see the verdict"
+    elif hess.outputs_examined == hess.outputs_total:
+        hess_scope = "max over all outputs"
+    else:
+        hess_scope = f"max over {hess.outputs_examined} random outputs of {hess.outputs_total}"
+    if hess is not None and not hess.converged:
+        hess_scope += f"; a lower estimate, stopped after {hess.products} products"
     lambda_min = (
         f"0 (≤ floor {kernel.precision_floor:.2g})"
         if kernel.is_singular
@@ -64,8 +77,8 @@ def analysis_table(a: Analysis, *, title: str = "plstar analyze") -> Table:
         ("λ_max(K)", with_error(kernel.lambda_max, kernel.lambda_max_error), kernel.method),
         ("κ(K)", fmt(kernel.condition_number), "λ_max/λ_min of K"),
         ("ρ(w₀)", fmt(a.pl_ratio), "PL ratio ‖∇L‖²/(2L); λ_min ≤ ρ ≤ λ_max"),
-        ("β", with_error(a.beta.value, a.beta.error_bound), "λ_max of the loss Hessian at w₀"),
-        ("‖H_F‖", with_error(hess.value, hess.error_bound), hess_scope),
+        ("β", estimate(a.beta, a.failed.get("sharpness")), "λ_max of the loss Hessian at w₀"),
+        ("‖H_F‖", estimate(hess, a.failed.get("model hessian")), hess_scope),
         ("μ", fmt(a.mu), "PL* constant at w₀ = λ_min(K(w₀))"),
         ("κ = β/μ", fmt(a.kappa), "condition number of the landscape"),
         ("R", fmt(a.radius), "GD theorem radius 2√(2βL₀)/μ"),

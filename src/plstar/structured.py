@@ -1,80 +1,90 @@
-"""Structured tangent kernels: per-layer Gram matrices instead of Jacobians (Novak et al. 2022).
+"""Structured tangent kernels: per-layer Gram matrices instead of Jacobians.
 
-For a dense layer z = W a (+ b) the contribution of W to K is a Hadamard product of two Gram
-matrices, K_W[(i,a),(j,b)] = (a_i · a_j) (δ_ia · δ_jb), with a_i the layer input and δ_ia = ∂f_a(x_i)/∂z_i
-the output cotangent: n²(d_in + k² d_out) flops instead of n² k² d_in d_out, and the Jacobian is never
-formed. A layer used at T positions (a sequence, a convolution's patches, a module applied twice)
-sums over position pairs; per layer, :func:`layer_factors` picks the cheaper of that "Gram" form and
-the "rows" form (per-sample gradients δᵀa materialised) from their flop counts.
+After Novak, Sohl-Dickstein & Schoenholz, *Fast Finite Width Neural Tangent Kernel* (ICML 2022,
+arXiv 2206.08720). For a dense layer z = W a (+ b) the contribution of W to K is a Hadamard
+product of two Gram matrices, K_W[(i,a),(j,b)] = (a_i · a_j)(δ_ia · δ_jb), with a_i the layer
+input and δ_ia = ∂f_a(x_i)/∂z_i the output cotangent: n²(d_in + k² d_out) flops instead of
+n² k² d_in d_out, and the Jacobian is never formed. The layer rules are in
+:mod:`plstar.layer_rules`; this module records what they need and decides, module by module,
+where they apply.
 
-Rules exist for ``nn.Linear``, ``nn.Conv1d/2d`` (groups = 1, zero padding), ``nn.Embedding``, the
-affine parameters of LayerNorm / GroupNorm / eval-mode BatchNorm, plstar's NTK layers, and biases.
-Every other trainable parameter is handled by per-sample Jacobian rows for that parameter only.
-A module whose parameters are also used outside its forward (weight tying across modules) is routed
-to the Jacobian rows too; a check of three kernel entries against plain gradients guards the rest.
+Recording (:mod:`plstar.recording`): forward hooks and one reverse pass over k copies, safe against
+in-place operations after a hooked layer. A module called on a tensor shared by all samples
+(first dimension 1, e.g. position embeddings indexed by a (1, T) tensor) has its output expanded
+to the batch, so its cotangents are per sample.
+
+Per-layer fallback: a module whose rule cannot apply on this input — no per-sample layout, a
+subclass whose output is not the one its rule assumes, never called by the forward (its
+parameters are then used by another module), or, under "auto", kernel entries that disagree
+with plain gradients — gets per-sample Jacobian rows for its parameters alone; the rest of the
+model stays structured. :class:`Probe` records which parameters went to rows and why.
 """
 
 from __future__ import annotations
 
-import math
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from plstar import layer_rules as rules
+from plstar import factors as algebra
+from plstar import layer_rules
+from plstar.costs import activation_bytes_per_sample
+from plstar.errors import PlstarInputError
+from plstar.factors import Factor
 from plstar.functional import FunctionalModel, jacobian_rows
-from plstar.layer_rules import Factor, contract_factors, has_rule, layer_factors
+from plstar.recording import Recording, SharedOutputError, record
+from plstar.routing import drop_partial_ties, rule_modules, tied_units, unit_parameters
+
+__all__ = [
+    "BlockFeatures", "Footprint", "NotPerSampleError", "Probe", "add_pulled_features",
+    "block_features", "contract_blocks", "probe", "pull_features", "push_features",
+    "rule_modules", "split_parameters", "tied_units", "unit_factors",
+]  # fmt: skip
 
 
-class NotPerSampleError(RuntimeError):
-    """A hooked layer's input is not laid out batch-first, so per-sample Grams would mix samples."""
+class NotPerSampleError(PlstarInputError):
+    """A hooked module's calls on a later sample block differ from those on the first samples
+    (not batch-first, or not made): its use depends on the data."""
 
 
-@dataclass
-class LayerCall:
-    """One application of a rule-handled module: its input and its output (kept in the graph)."""
-
-    module: nn.Module
-    inputs: Tensor
-    output: Tensor
-
-
-def rule_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose trainable parameters the structured rules cover (name -> module).
-
-    A module is excluded when one of its parameters is also owned by another module (tied weights
-    across modules), since per-module Grams would then miss the cross terms.
-    """
-    owners: dict[int, set[int]] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(id(module))
-    chosen = {}
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and has_rule(module) and all(len(owners[id(p)]) == 1 for p in own):
-            chosen[name] = module
-    return chosen
+def _tied_rows(
+    modules: dict[str, nn.Module], members: tuple[str, ...], uses: dict, k: int
+) -> list[Factor]:
+    """Per-sample gradients of modules that share parameters, summed per parameter: "rows"."""
+    grads: dict[int, Tensor] = {}
+    for name in members:
+        module = modules[name]
+        made = layer_rules.rule_for(module).gradients(module, uses[name], k)  # type: ignore[union-attr]
+        for attribute, grad in made.items():
+            key = id(getattr(module, attribute))
+            grads[key] = grad if key not in grads else grads[key] + grad
+    return [("rows", grad.reshape(grad.shape[0], -1), None) for grad in grads.values()]
 
 
-@contextmanager
-def record_calls(modules: dict[str, nn.Module]) -> Iterator[list[LayerCall]]:
-    """Forward hooks that record every call of the given modules, in call order."""
-    calls: list[LayerCall] = []
-
-    def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        calls.append(LayerCall(module, args[0].detach(), output))
-
-    handles = [m.register_forward_hook(hook) for m in modules.values()]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
+def unit_factors(
+    recording: Recording, modules: dict[str, nn.Module], k: int, dtype: torch.dtype
+) -> dict[str, list[Factor]]:
+    """Each called unit's factors (:func:`tied_units` name -> factors), cast to ``dtype`` (token
+    ids kept)."""
+    usable = [call for call in recording.calls if call.problem is None]
+    uses: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for call, cot in zip(usable, recording.cotangents, strict=True):
+        uses.setdefault(call.name, []).append((call.inputs, cot.transpose(0, 1).detach()))
+    found = {}
+    for unit, members in tied_units(modules).items():
+        if not all(name in uses for name in members):
+            continue
+        if len(members) == 1:
+            made = layer_rules.layer_factors(modules[unit], uses[unit], k)
+        else:
+            made = _tied_rows(modules, members, uses, k)
+        found[unit] = [
+            (kind, first if kind == "tokens" else first.to(dtype),
+             None if second is None else second.to(dtype))
+            for kind, first, second in made
+        ]  # fmt: skip
+    return found
 
 
 @dataclass
@@ -83,6 +93,15 @@ class BlockFeatures:
 
     factors: list[Factor]
     rows: Tensor | None  # (c·k, m_fallback): Jacobian rows of the parameters without a rule
+
+
+def fallback_rows(
+    fmodel: FunctionalModel, x: Tensor, fallback: list[str], dtype: torch.dtype
+) -> Tensor | None:
+    """Jacobian rows (c·k, Σ numel) of the parameters in ``fallback`` (None when empty)."""
+    if not fallback:
+        return None
+    return torch.cat(list(jacobian_rows(fmodel, x, dtype, fallback).values()), dim=1)
 
 
 def block_features(
@@ -94,83 +113,39 @@ def block_features(
 ) -> BlockFeatures:
     """Layer inputs and output cotangents of a block of samples, cast to ``dtype``.
 
-    One forward pass with hooks, then one batched reverse pass per output (``is_grads_batched``),
-    giving δ_ia for every recorded call at once. Fallback parameters get Jacobian rows by vmap(jacrev).
+    One forward pass with hooks over k copies of the block, then one reverse pass giving δ_ia
+    for every recorded call at once (:func:`plstar.recording.record`); a second forward pass
+    only when an in-place operation changed a recorded tensor of a module not yet known for it.
+    Parameters in ``fallback`` get Jacobian rows by vmap(jacrev). Raises NotPerSampleError when
+    a module of ``modules`` is not called batch-first, or not called at all, on this block (the
+    probe of the first samples found it was).
     """
-    c, k = x.shape[0], fmodel.k
-    with torch.enable_grad(), record_calls(modules) as calls:
-        out = fmodel.pick(fmodel.module(x)).reshape(c, k)
-        outputs = [call.output for call in calls]
-        cotangents = _output_cotangents(out, outputs) if outputs else []
-    if any(call.inputs.shape[0] != c or call.output.shape[0] != c for call in calls):
+    recording = record(fmodel, x, modules)
+    bad = next((call for call in recording.calls if call.problem is not None), None)
+    if bad is not None:
         raise NotPerSampleError(
-            "a rule-handled layer does not see the batch as its first dimension"
+            f"module {bad.name!r} is called differently on later samples: {bad.problem}; use "
+            "implementation='jacobian'"
         )
-    uses: dict[int, list[tuple[Tensor, Tensor]]] = {id(m): [] for m in modules.values()}
-    for call, cot in zip(calls, cotangents, strict=True):
-        cot = (
-            torch.zeros((k, *call.output.shape), dtype=out.dtype, device=out.device)
-            if cot is None
-            else cot
+    per_unit = unit_factors(recording, modules, fmodel.k, dtype)
+    missing = [name for name in tied_units(modules) if name not in per_unit]
+    if missing:
+        raise NotPerSampleError(
+            f"module {missing[0]!r} is not called on samples where it was called before: its "
+            "use depends on the data; use implementation='jacobian'"
         )
-        uses[id(call.module)].append((call.inputs, cot.transpose(0, 1).detach()))
-    factors: list[Factor] = []
-    for module in modules.values():
-        if not uses[id(module)]:
-            continue  # not called on this input: its parameters do not move F
-        for kind, first, second in layer_factors(module, uses[id(module)], k):
-            first = first if kind == "tokens" else first.to(dtype)
-            factors.append((kind, first, None if second is None else second.to(dtype)))
-    rows = None
-    if fallback:
-        rows = torch.cat(list(jacobian_rows(fmodel, x, dtype, fallback).values()), dim=1)
-    return BlockFeatures(_merge_rows(factors), rows)
-
-
-def _output_cotangents(out: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
-    """∂(Σ_i f_a(x_i))/∂z for every recorded output z and every a: each (k, *z.shape)."""
-    c, k = out.shape
-    if k == 1:  # one plain reverse pass; the batched engine's vmap only adds overhead here
-        grads = torch.autograd.grad(out, outputs, torch.ones_like(out), allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in grads]
-    seeds = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, c, k)
-    try:
-        return list(
-            torch.autograd.grad(
-                out,
-                outputs,
-                grad_outputs=seeds,
-                is_grads_batched=True,
-                allow_unused=True,
-                retain_graph=True,
-            )
-        )
-    except RuntimeError:  # an op without a batching rule: one reverse pass per output
-        per_output = [
-            torch.autograd.grad(out[:, a].sum(), outputs, retain_graph=True, allow_unused=True)
-            for a in range(k)
-        ]
-        return [
-            None if parts[0] is None else torch.stack(parts)  # type: ignore[misc]
-            for parts in zip(*per_output, strict=True)
-        ]
-
-
-def _merge_rows(factors: list[Factor]) -> list[Factor]:
-    """All "rows" factors into one, so they cost a single GEMM."""
-    rows = [f[1] for f in factors if f[0] == "rows"]
-    others = [f for f in factors if f[0] != "rows"]
-    return [*others, ("rows", torch.cat(rows, dim=1), None)] if rows else others
+    merged = algebra.merge_rows([f for made in per_unit.values() for f in made])
+    return BlockFeatures(merged, fallback_rows(fmodel, x, fallback, dtype))
 
 
 def contract_blocks(left: BlockFeatures, right: BlockFeatures, k: int) -> Tensor:
     """K block between two sample blocks: Σ over layers of their Gram contributions."""
     total: Tensor | None = None
     for first, second in zip(left.factors, right.factors, strict=True):
-        part = contract_factors(first, second, k)
+        part = algebra.contract_factors(first, second, k)
         total = part if total is None else total + part
     if left.rows is not None and right.rows is not None:
-        part = left.rows @ right.rows.T
+        part = algebra.row_products(left.rows, right.rows)
         total = part if total is None else total + part
     assert total is not None
     return total
@@ -183,7 +158,7 @@ def _factors(features: BlockFeatures) -> list[Factor]:
 
 def pull_features(features: BlockFeatures, v: Tensor, k: int) -> list[Tensor]:
     """DFᵀv of one sample block, one parameter-space tensor per factor; v (c·k, b)."""
-    return [rules.pull_factor(f, v, k) for f in _factors(features)]
+    return [algebra.pull_factor(f, v, k) for f in _factors(features)]
 
 
 def add_pulled_features(
@@ -193,134 +168,196 @@ def add_pulled_features(
     if total is None:
         return part
     kinds = [f[0] for f in _factors(features)]
-    return [rules.add_pulled(t, p, kind) for t, p, kind in zip(total, part, kinds, strict=True)]
+    return [algebra.add_pulled(t, p, kind) for t, p, kind in zip(total, part, kinds, strict=True)]
 
 
 def push_features(features: BlockFeatures, pulled: list[Tensor], k: int) -> Tensor:
     """DF·g of one sample block for g from summed :func:`pull_features`: (c·k, b)."""
-    parts = [rules.push_factor(f, g, k) for f, g in zip(_factors(features), pulled, strict=True)]
+    parts = [algebra.push_factor(f, g, k) for f, g in zip(_factors(features), pulled, strict=True)]
     return torch.stack(parts).sum(dim=0)
 
 
 def split_parameters(fmodel: FunctionalModel) -> tuple[dict[str, nn.Module], list[str]]:
-    """(rule modules, names of trainable parameters left to Jacobian rows)."""
-    modules = rule_modules(fmodel.module)
-    covered = {
-        f"{prefix}.{name}" if prefix else name
-        for prefix, module in modules.items()
-        for name, p in module.named_parameters(recurse=False)
-        if p.requires_grad
-    }
+    """(rule modules, names of trainable parameters left to Jacobian rows), before any probe."""
+    modules = rule_modules(fmodel.module)[0]
+    covered = {p for names in unit_parameters(fmodel, modules).values() for p in names}
     return modules, [name for name in fmodel.params if name not in covered]
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """The sizes a plan needs from a probe, kept when its tensors are dropped: per sample, the
+    features' floating elements and other bytes (token ids); the most positions of a Gram or
+    tokens factor (pair temporaries); the contraction's multiply-adds per sample pair by factor
+    kind; the width of the fallback Jacobian rows."""
+
+    float_elements: float
+    other_bytes: float
+    positions: int
+    flops: dict[str, int]
+    fallback_width: int
+
+    @classmethod
+    def of(cls, features: BlockFeatures, samples: int, k: int, fallback: int = 0) -> Footprint:
+        """Measured on ``features`` of ``samples`` samples, plus ``fallback`` parameters' rows
+        when the features hold none."""
+        if features.rows is not None:
+            fallback = features.rows.shape[1]
+        tensors = [t for f in features.factors for t in f[1:] if t is not None]
+        floats = sum(t.numel() for t in tensors if t.is_floating_point()) / samples
+        other = sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point())
+        positions = max((f[1].shape[1] for f in features.factors if f[0] != "rows"), default=0)
+        flops = {
+            kind: algebra.flops_per_pair(features.factors, k, (kind,))
+            for kind in ("gram", "tokens", "rows")
+        }
+        flops["rows"] += k * k * fallback
+        return cls(floats + k * fallback, other / samples, positions, flops, fallback)
+
+
+@dataclass(frozen=True)
 class Probe:
-    """The structured features of the first two samples (float64): they size the plan and serve
-    the entry check, so both cost one small forward and reverse pass."""
+    """The structured features of the first two samples (float64), once every module the rules
+    cannot serve went to Jacobian rows: they size the plan and serve the entry check, so both
+    cost a few small forward and reverse passes.
+
+    ``rows_reasons`` says, per module whose parameters take Jacobian rows, why; ``fallback``
+    lists every parameter that takes them; ``per_unit`` holds each unit's factors
+    (:func:`tied_units`) and ``units`` its parameters; ``footprint`` the sizes, which outlive the
+    tensors (:meth:`stripped`).
+    """
 
     features: BlockFeatures
     samples: int
     modules: dict[str, nn.Module]
     fallback: list[str]
+    rows_reasons: dict[str, str] = field(default_factory=dict)
+    per_unit: dict[str, list[Factor]] = field(default_factory=dict)
+    units: dict[str, list[str]] = field(default_factory=dict)
+    footprint: Footprint | None = None
 
     def bytes(self, dtype: torch.dtype, k: int) -> tuple[int, int]:
         """(bytes of one sample's features in ``dtype``, bytes of one sample pair's temporaries)."""
+        size = self.sizes(k)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        tensors = [t for f in self.features.factors for t in f[1:] if t is not None]
-        tensors += [] if self.features.rows is None else [self.features.rows]
-        per_sample = sum(
-            t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in tensors
-        )
-        per_pair = max(
-            (
-                2 * k * k * f[1].shape[1] ** 2 * itemsize
-                for f in self.features.factors
-                if f[0] != "rows"
-            ),
-            default=0,
-        )
-        return per_sample // self.samples, per_pair
+        per_pair = 2 * k * k * size.positions**2 * itemsize
+        return int(size.float_elements * itemsize + size.other_bytes), per_pair
 
-    def flops_per_pair(self, k: int) -> int:
-        """Multiply-adds per sample pair of the contraction (for comparison with k²·m)."""
-        total = 0
-        for kind, first, second in self.features.factors:
-            if kind == "rows":
-                total += k * k * first.shape[1]
-            else:
-                positions = first.shape[1]
-                width = 1 if kind == "tokens" else first.shape[2]
-                total += positions * positions * (width + k * k * second.shape[2])
-        rows = self.features.rows
-        return total + (0 if rows is None else k * k * rows.shape[1])
+    def flops_per_pair(self, k: int, kinds: tuple[str, ...] = ("gram", "tokens", "rows")) -> int:
+        """Multiply-adds per sample pair of the contraction (for comparison with k²·m), of the
+        factors of ``kinds`` ("rows" are one GEMM; "gram" and "tokens" sum over positions)."""
+        return sum(self.sizes(k).flops[kind] for kind in kinds)
+
+    def sizes(self, k: int) -> Footprint:
+        """The footprint (computed from the features unless remembered)."""
+        return self.footprint or Footprint.of(self.features, self.samples, k)
+
+    def stripped(self, k: int) -> Probe:
+        """This probe without its tensors and modules (its sizes kept), to be remembered between
+        calls; :meth:`bound` puts the modules back."""
+        return replace(
+            self, features=BlockFeatures([], None), modules={}, per_unit={},
+            footprint=self.sizes(k),
+        )  # fmt: skip
+
+    def bound(self, model: nn.Module, names: tuple[str, ...]) -> Probe:
+        """This probe with the modules ``names`` of ``model`` (in the model's order)."""
+        return replace(self, modules={n: m for n, m in model.named_modules() if n in names})
 
 
-def probe(fmodel: FunctionalModel, x: Tensor) -> Probe | None:
-    """Features of x[:2] in float64, or None when a rule-handled layer does not see the batch first."""
-    modules, fallback = split_parameters(fmodel)
-    pair = x[: min(2, x.shape[0])]
+Routing = tuple[dict[str, nn.Module], dict[str, str]]
+_PROBE_BUDGET = 2**30  # bytes of activations a probe holds at a time, unless told
+"""(modules the rules serve, why each other module with parameters takes Jacobian rows)."""
+
+
+def _output_close(expected: object, actual: Tensor) -> bool:
+    """Whether a rule's reference output matches the module's (√eps of its dtype, relative)."""
+    if not isinstance(expected, Tensor) or expected.shape != actual.shape:
+        return False
+    scale = float(actual.abs().max()) if actual.numel() else 0.0
+    tolerance = float(torch.finfo(actual.dtype).eps) ** 0.5 * max(scale, 1e-30)
+    return bool(((expected - actual).abs() <= tolerance).all())
+
+
+def _problems(
+    fmodel: FunctionalModel, pair: Tensor, modules: dict[str, nn.Module], copies: int
+) -> tuple[dict[str, str], dict[str, list[Factor]]]:
+    """(module -> why its rule cannot serve it here, the others' factors in float64)."""
     try:
-        features = block_features(fmodel, pair, modules, fallback, torch.float64)
-    except NotPerSampleError:
-        return None
-    return Probe(features, pair.shape[0], modules, fallback)
+        recording = record(fmodel, pair, modules, copies)
+    except SharedOutputError as error:
+        why = "its output, shared by all samples, cannot be expanded to the batch"
+        return dict.fromkeys(error.names, why), {}
+    problems = {call.name: call.problem for call in recording.calls if call.problem}
+    called = {call.name for call in recording.calls}
+    for name in modules.keys() - called:
+        problems[name] = "the forward never calls it (its parameters are used by another module)"
+    if any(call.shared for call in recording.calls):
+        with torch.no_grad():
+            plain = fmodel.pick(fmodel.module(pair)).reshape(recording.out.shape)
+        if not _output_close(plain, recording.out.detach()):
+            why = "expanding its output, shared by all samples, to the batch changes F"
+            problems.update({call.name: why for call in recording.calls if call.shared})
+    with torch.no_grad():
+        for call in recording.calls:
+            if call.name in problems:
+                continue
+            try:
+                expected = layer_rules.rule_for(call.module).reference(call.module, call.inputs)
+            except Exception:  # any failure means the rule does not fit this call
+                expected = None
+            if not _output_close(expected, call.output.detach()[: pair.shape[0]]):
+                problems[call.name] = (
+                    f"its output is not the one the rule for {type(call.module).__name__} "
+                    "assumes (a subclass whose forward computes something else, or an in-place "
+                    "change plstar did not see)"
+                )
+    made: dict[str, list[Factor]] = {}
+    for members in tied_units(modules).values():
+        if any(name in problems for name in members):
+            continue
+        try:
+            part = {name: modules[name] for name in members}
+            made |= unit_factors(recording, part, fmodel.k, torch.float64)
+        except Exception as error:  # a rule that fails on this input cannot serve the module
+            why = f"its rule failed on this input ({type(error).__name__}: {error})"
+            problems.update(dict.fromkeys(members, why))
+    return problems, made
 
 
-# Modules whose structured kernel matched plain gradients, with the signature it was checked for:
-# the check is structural (which parameters the hooks see), so repeated calls skip it.
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+def probe(
+    fmodel: FunctionalModel,
+    x: Tensor,
+    routing: Routing | None = None,
+    memory_budget: int = _PROBE_BUDGET,
+) -> Probe:
+    """Features of x[:2] in float64, after routing every module the rules cannot serve to
+    Jacobian rows (starting from ``routing``, default every module with a supported rule).
 
-
-def _signature(fmodel: FunctionalModel, x: Tensor) -> tuple:
-    shapes = tuple((name, tuple(p.shape), p.dtype) for name, p in fmodel.params.items())
-    return shapes, tuple(x.shape[1:]), x.dtype, fmodel.k
-
-
-def entry_check(fmodel: FunctionalModel, x: Tensor, found: Probe | None) -> float:
-    """Largest relative error of three structured kernel entries against ∇f_a(x_i)·∇f_b(x_j).
-
-    Hooks cannot see a parameter used outside its module's forward, and the layer rules assume
-    that samples do not interact; this catches both, at the cost of one forward and one batched
-    reverse pass over the probe's two samples. A module that passed once for the same parameter
-    shapes, sample shape, dtype and k is not checked again (returns 0). Infinite when the probe
-    failed.
+    Cost: a hooked forward and a reverse pass over k copies of two samples per round (in groups
+    of copies whose activations fit ``memory_budget``); a second round only when a module had
+    to leave the hooked set. The fallback parameters' Jacobian
+    rows are sized (:class:`Footprint`), not computed.
     """
-    if found is None:
-        return math.inf
-    signature = _signature(fmodel, x)
-    if _VERIFIED.get(fmodel.module) == signature:
-        return 0.0
-    k, features, pair = fmodel.k, found.features, x[: found.samples]
-    kernel = contract_blocks(features, features, k)
-    picks = [(0, 0), (pair.shape[0] - 1, k - 1)]
-    params = {name: p.detach().requires_grad_(True) for name, p in fmodel.params.items()}
-    seeds = torch.zeros((len(picks), pair.shape[0], k), dtype=fmodel.dtype, device=fmodel.device)
-    for row, (i, a) in enumerate(picks):
-        seeds[row, i, a] = 1.0
-    with torch.enable_grad():
-        out = fmodel(params, pair)
-        parts = torch.autograd.grad(
-            out, list(params.values()), seeds, is_grads_batched=True, allow_unused=True
-        )
-    grads = torch.cat(
-        [
-            (
-                torch.zeros((len(picks), p.numel()), dtype=p.dtype, device=p.device)
-                if g is None
-                else g.flatten(1)
-            )
-            for g, p in zip(parts, params.values(), strict=True)
-        ],
-        dim=1,
-    ).double()
-    worst = 0.0
-    for u, v in [(0, 0), (1, 1), (0, 1)]:
-        (i, a), (j, b) = picks[u], picks[v]
-        exact = float(grads[u] @ grads[v])
-        scale = math.sqrt(float(grads[u] @ grads[u]) * float(grads[v] @ grads[v]))
-        error = abs(float(kernel[i * k + a, j * k + b]) - exact)
-        worst = max(worst, error / max(scale, 1e-300))
-    if worst <= 1e3 * float(torch.finfo(fmodel.dtype).eps):
-        _VERIFIED[fmodel.module] = signature
-    return worst
+    modules, reasons = rule_modules(fmodel.module) if routing is None else routing
+    modules, reasons = dict(modules), dict(reasons)
+    pair = x[: min(2, x.shape[0])]
+    # outputs per pass, so that the copies' activations stay within the budget
+    per_copy = 2 * pair.shape[0] * activation_bytes_per_sample(fmodel, pair)
+    copies = max(1, memory_budget // per_copy)
+    while True:
+        problems, per_unit = _problems(fmodel, pair, modules, copies)
+        if not problems:
+            break
+        for name, why in problems.items():
+            modules.pop(name, None)
+            reasons[name] = why
+        modules, reasons = drop_partial_ties(fmodel.module, modules, reasons)
+    units = unit_parameters(fmodel, modules)
+    covered = {p for names in units.values() for p in names}
+    fallback = [name for name in fmodel.params if name not in covered]
+    merged = algebra.merge_rows([f for made in per_unit.values() for f in made])
+    features = BlockFeatures(merged, None)  # fallback rows: sized, not computed
+    width = sum(fmodel.params[name].numel() for name in fallback)
+    size = Footprint.of(features, pair.shape[0], fmodel.k, width)
+    return Probe(features, pair.shape[0], modules, fallback, reasons, per_unit, units, size)

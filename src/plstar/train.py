@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from plstar import theory
-from plstar.certify import flat_parameters, per_sample_smoothness
+from plstar.certify import flat_parameters
 from plstar.conditions import json_safe
-from plstar.curvature import LossGradient, flat, loss_sharpness
+from plstar.curvature import LossGradient, flat, loss_sharpness, per_sample_smoothness
 from plstar.errors import PlstarInputError
-from plstar.functional import ProgressCallback, make_functional
+from plstar.functional import OutputSelector, ProgressCallback, make_functional
 from plstar.monitor import Monitor, Reference, reference_point
 from plstar.validation import callback, choice, describe, real_number, whole_number
 from plstar.validation import memory_budget as check_budget
@@ -150,6 +150,7 @@ def train(
     seed: int = 0,
     memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
+    output: OutputSelector | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on L = ½‖F − y‖² (summed) with the theory's step size, and compare.
 
@@ -163,8 +164,10 @@ def train(
     keeps the last parameters reached. Cost per step: GD one forward and reverse pass over all
     samples; SGD one over b samples plus a forward pass over all (L(w_t)), or a full gradient pass
     when a monitor records ρ. Setup: :func:`reference_point`, and for SGD
-    :func:`per_sample_smoothness`. Raises PlstarInputError for an unknown method, steps < 1,
-    lr ≤ 0, batch_size outside 1..n (or given for GD), eps ≤ 0, or a monitor for other parameters.
+    :func:`per_sample_smoothness`. ``output`` picks F from what the model returns (see
+    :func:`plstar.tangent_kernel`; a monitor must have been made with the same). Raises
+    PlstarInputError for an unknown method, steps < 1, lr ≤ 0, batch_size outside 1..n (or given
+    for GD), eps ≤ 0, or a monitor for other parameters or another output.
     """
     seed, memory_budget = check_seed(seed), check_budget(memory_budget)
     if hessian_outputs is not None:
@@ -172,19 +175,20 @@ def train(
     callback("progress", progress)
     if monitor is not None and not isinstance(monitor, Monitor):
         raise PlstarInputError(f"monitor must be a plstar.Monitor, got {type(monitor).__name__}")
-    fmodel = make_functional(model, x, memory_budget=memory_budget)
+    fmodel = make_functional(model, x, memory_budget=memory_budget, output=output)
+    output = fmodel.select
     n, m = x.shape[0], fmodel.m
     b = check_arguments(method, steps, lr, batch_size, n, eps, recheck_every)
-    objective = LossGradient(model, x, y, memory_budget=memory_budget)
+    objective = LossGradient(model, x, y, memory_budget=memory_budget, output=output)
     if monitor is not None:
-        monitor.check_start(model, x, objective.y)
+        monitor.check_start(model, x, objective.y, output)
     if objective.loss() == 0.0:
         return _at_global_minimum(method, lr, steps, n, m, b, monitor)
     if monitor is not None:
         ref: Reference = monitor.reference
     else:
         ref = reference_point(model, x, objective.y, seed=seed, memory_budget=memory_budget,
-                              progress=progress)  # fmt: skip
+                              progress=progress, output=output)  # fmt: skip
     mu, beta, loss0 = ref.mu, ref.beta, ref.loss0
     theory_lr = lr == "theory"
     if theory_lr and beta <= 0:
@@ -201,7 +205,7 @@ def train(
         )
     else:
         beta_s = per_sample_smoothness(model, x, objective.y, hessian_outputs=hessian_outputs,
-                                       seed=seed, memory_budget=memory_budget)  # fmt: skip
+                                       seed=seed, memory_budget=memory_budget, output=output)  # fmt: skip
         if theory_lr and mu <= 0:
             raise PlstarInputError(
                 "λ_min(K(w₀)) is zero within precision: no SGD step is certified; pass lr"
@@ -331,7 +335,8 @@ def _loop(
                 found = record.sharpness
             else:
                 estimate = loss_sharpness(objective.model, objective.x, objective.y, v0=warm, tol=1e-4,
-                                          max_iter=2, seed=seed, memory_budget=memory_budget)  # fmt: skip
+                                          max_iter=2, seed=seed, memory_budget=memory_budget,
+                                          output=objective.output)  # fmt: skip
                 found, warm = estimate.value, estimate.vector
             if found > beta_now * (1 + 1e-3) and 1 / found < eta:
                 eta = 1 / found

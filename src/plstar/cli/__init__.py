@@ -1,9 +1,10 @@
 """The ``plstar`` command: thin wiring of data, models and the core to a terminal.
 
 One argparse parser (:mod:`plstar.cli.options`), one module per sub-command, each adding its
-parser with ``register``. Exit codes: 0 done; 1 a failed check of ``reproduce`` or a write that
-failed; 2 bad input (one line on stderr, before any computation where it can be known then);
-130 Ctrl-C (one line on stderr saying what was kept).
+parser with ``register``. Exit codes: 0 done; 1 a failed check of ``reproduce``, a write that
+failed, or an ``analyze`` whose β or ‖H_F‖ failed (the other figures printed and written); 2 bad
+input (one line on stderr, before any computation where it can be known then); 130 Ctrl-C (one
+line on stderr saying what was kept).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 
 from plstar.cli import analyze, reproduce, train
-from plstar.cli.common import Interrupted, say_error
+from plstar.cli.common import Incomplete, Interrupted, say_error
 from plstar.cli.options import build_parser, parse
 from plstar.errors import PlstarInputError
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             args.run(args)
     except Interrupted as stop:
         _finish(f"{prog}: interrupted: {stop}", 130)
+    except Incomplete as partial:
+        _finish(f"{prog}: incomplete: {partial}", 1)
     except KeyboardInterrupt:
         _finish(f"{prog}: interrupted: nothing was written", 130)
     except PlstarInputError as error:

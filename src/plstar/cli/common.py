@@ -28,6 +28,11 @@ class Interrupted(Exception):  # noqa: N818  (a stop, not an error)
     """Ctrl-C, caught by a command; the message says what was kept (printed after "interrupted: ")."""
 
 
+class Incomplete(Exception):  # noqa: N818  (a partial result, printed and written)
+    """A command whose late stage failed after its other results were printed and written:
+    one line on stderr (after "incomplete: ") and exit code 1."""
+
+
 def say_error(text: str) -> None:
     """One line on stderr, whatever the terminal width and whatever newlines ``text`` holds."""
     sys.stderr.write(" ".join(text.split()) + "\n")
@@ -91,6 +96,12 @@ def build_model(args: argparse.Namespace, dataset: Dataset) -> torch.nn.Module:
         dataset.d, args.width, args.depth, dataset.k, activation=args.activation,
         parameterization=args.parameterization, generator_seed=args.seed, dtype=dtype,
     )  # fmt: skip
+
+
+def output_selector(args: argparse.Namespace) -> Any:
+    """--output as the API's ``output=``: None (plstar's default) or a callable; a FILE.py:NAME
+    is imported here, after the model was built."""
+    return None if args.output is None else args.output.selector()
 
 
 def hessian_outputs(args: argparse.Namespace) -> int | None:

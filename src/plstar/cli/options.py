@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from plstar.cli.outputs import output_spec
 from plstar.data import SCALINGS
 from plstar.models import ACTIVATIONS, PARAMETERIZATIONS
 
@@ -83,6 +84,17 @@ def positive_number(text: str) -> float:
         _refuse(f"expected a number > 0, got {text!r}")
     if not (math.isfinite(value) and value > 0):
         _refuse(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """An option type: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        _refuse(f"expected a number ≥ 0, got {text!r}")
+    if not (math.isfinite(value) and value >= 0):
+        _refuse(f"expected a finite number ≥ 0, got {text!r}")
     return value
 
 
@@ -156,6 +168,12 @@ def add_problem_options(
                        help="Input scaling; auto = sphere for digits, none for files.")  # fmt: skip
     group.add_argument("--model", metavar="FILE.py:FACTORY",
                        help="FILE.py:factory returning an nn.Module.")  # fmt: skip
+    group.add_argument(
+        "--output", type=output_spec, metavar="SPEC",
+        help="Which returned value is F: a key path such as logits, logits:last (also :first, "
+        ":mean, along dim 1) or 0 (a tuple's first), or FILE.py:function called on what the "
+        "model returns (default: a tensor itself, else logits, else the first tensor).",
+    )  # fmt: skip
     group.add_argument("--hessian-outputs", type=integer(0), default=hessian_outputs,
                        metavar="COUNT", help=hessian_help)  # fmt: skip
     group.add_argument(

@@ -27,6 +27,7 @@ from plstar.cli.common import (
     console,
     hessian_outputs,
     load_problem,
+    output_selector,
     versions,
 )
 from plstar.cli.options import (
@@ -189,7 +190,8 @@ def run(args: argparse.Namespace) -> None:
         "seed": args.seed, "dtype": args.dtype, "method": args.method, "steps": args.steps,
         "lr": args.lr, "batch_size": args.batch_size, "every": args.every,
         "kernel_samples": args.kernel_samples, "eps": args.eps,
-        "hessian_outputs": args.hessian_outputs, "versions": versions(),
+        "hessian_outputs": args.hessian_outputs,
+        "output": "default" if args.output is None else args.output.text, "versions": versions(),
     }  # fmt: skip
     folder = _RunFolder(args.out, config)
     try:
@@ -205,6 +207,7 @@ def _train_and_report(
 ) -> None:
     """Monitor and train (Ctrl-C ends the steps, not the command), then write and print."""
     result, monitor, interrupted = None, None, False
+    output = output_selector(args)
     columns = (
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
         TextColumn("{task.fields[live]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -215,6 +218,7 @@ def _train_and_report(
             monitor = plstar.Monitor(
                 net, dataset.x, dataset.y, every=args.every, kernel_samples=args.kernel_samples,
                 seed=args.seed, memory_budget=args.memory_budget, on_record=folder.record,
+                output=output,
             )  # fmt: skip
             bars.update(setup, visible=False)
             task = bars.add_task("train", total=args.steps, live="")
@@ -233,7 +237,7 @@ def _train_and_report(
                 net, dataset.x, dataset.y, method=args.method, steps=args.steps, lr=args.lr,
                 batch_size=args.batch_size, monitor=monitor, eps=args.eps,
                 hessian_outputs=hessian_outputs(args), seed=args.seed,
-                memory_budget=args.memory_budget, progress=live,
+                memory_budget=args.memory_budget, progress=live, output=output,
             )  # fmt: skip
     except plstar.TrainingInterrupted as stop:
         result, interrupted = stop.result, True
