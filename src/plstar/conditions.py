@@ -38,7 +38,7 @@ from plstar.validation import seed as check_seed
 
 DENSE_SPECTRUM_LIMIT = 20_000
 """Largest n·k for which ``analyze`` forms K and solves it densely; beyond, Lanczos on products."""
-HESSIAN_MIN_SECONDS = 0.5
+HESSIAN_MIN_SECONDS = 0.2
 """‖H_F‖'s time budget in ``analyze`` is never below this, so a fast run still gets an estimate."""
 HESSIAN_TOL, HESSIAN_ITERATIONS = 1e-4, 20
 """‖H_F‖ in ``analyze``: four digits, as the table prints, in at most 20 Lanczos steps per output
@@ -222,7 +222,7 @@ def analyze(
     ``target_loss`` (default 1e-6·L₀).
     Cost is dominated by the kernel (see :func:`plstar.tangent_kernel`): ‖H_F‖ may take at most
     ``hessian_time_share`` × the time of everything before it (default 0.35, so about a quarter of
-    the run; never less than 0.5 s), after which its estimate is reported with ``converged``
+    the run; never less than 0.2 s), after which its estimate is reported with ``converged``
     False and its residual bound; None lets it run to its tolerance (reproducible to the bit,
     where the time bound depends on the machine's speed). If β or ‖H_F‖ raises (a model whose
     second-order pass fails), the figures measured before are kept and the stage is listed in

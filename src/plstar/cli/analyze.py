@@ -61,7 +61,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="Target loss for the step count (default 1e-6·L₀).")  # fmt: skip
     group.add_argument(
         "--hessian-time-share", type=non_negative_number, default=0.35, metavar="FRACTION",
-        help="‖H_F‖ may take this fraction of the time of the other figures (at least 0.5 s; "
+        help="‖H_F‖ may take this fraction of the time of the other figures (at least 0.2 s; "
         "0 = no bound: it runs to its tolerance, reproducibly).",
     )  # fmt: skip
     group.add_argument("--json", type=Path, dest="json_path", metavar="FILE",
