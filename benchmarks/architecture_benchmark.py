@@ -216,8 +216,14 @@ def write_report(
         "plstar's first call in its process (model checks, sizing and entry check included; "
         "torch._dynamo, which torch.func imports once per process, imported before). Analyze = one "
         "`plstar.analyze` run (hessian_outputs = 16), with the share of its time spent on ‖H_F‖. "
-        f"Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end: above the "
-        "core count, other processes shared the CPUs and the times are inflated unevenly.",
+        f"Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end"
+        + (
+            ": above the core count, other processes shared the CPUs and the times are inflated "
+            "unevenly."
+            if max(load) > (os.cpu_count() or 1)
+            else " (the machine was otherwise idle). Rows under 0.2 s differed by up to 1.5× "
+            "between two runs of this command here."
+        ),
         "",
         *table(rows),
     ]
