@@ -126,3 +126,18 @@ def test_the_jacobian_implementation_batches_attention_without_a_slow_fallback()
         kernel = plstar.tangent_kernel(model, x, implementation="jacobian", output=output)
     assert not [w for w in caught if "performance drop" in str(w.message)]
     assert relative(kernel, dense_kernel(f, x)) <= 1e-10
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_multihead_attention_fast_path_is_off_inside_and_restored_after(enabled: bool) -> None:
+    """nn.MultiheadAttention's fused eval path has no forward-mode AD: ntvp switches it off for its
+    passes (the kernel equals the oracle) and leaves the user's setting as it found it."""
+    model, x, _ = build("multihead", torch.float64)
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        kernel = plstar.tangent_kernel(model, x, implementation="ntvp")
+        assert torch.backends.mha.get_fastpath_enabled() is enabled
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    assert relative(kernel, dense_kernel(model, x)) <= 1e-10
