@@ -14,6 +14,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Literal, get_args
 
 import torch
@@ -320,11 +321,16 @@ def _seeded_everywhere(seed: int | None) -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-def _import_and_call(path: Path, attr: str) -> nn.Module:
-    module_name = f"plstar_user_model_{abs(hash(path.resolve()))}"
+def import_user_file(path: Path, kind: str, label: str = "") -> ModuleType:
+    """Run the Python file ``path`` as a module of its own (``kind`` names it: "model",
+    "output"); its failure, sys.exit() included, is a one-line PlstarInputError starting with
+    ``label``. Ctrl-C is not caught."""
+    module_name = f"plstar_user_{kind}_{abs(hash(path.resolve()))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise PlstarInputError(f"cannot import {path}: it must be a Python source file (.py).")
+        raise PlstarInputError(
+            f"{label}cannot import {path}: it must be a Python source file (.py)."
+        )
     module = importlib.util.module_from_spec(module_spec)
     # Registered before execution so that dataclasses and pickling inside the file can find it.
     sys.modules[module_name] = module
@@ -332,7 +338,14 @@ def _import_and_call(path: Path, attr: str) -> nn.Module:
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:  # sys.exit() in the file is its error; Ctrl-C is not
         del sys.modules[module_name]
-        raise PlstarInputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise PlstarInputError(
+            f"{label}importing {path} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return module
+
+
+def _import_and_call(path: Path, attr: str) -> nn.Module:
+    module = import_user_file(path, "model")
     factory = getattr(module, attr, None)
     if factory is None:
         public = sorted(name for name in vars(module) if not name.startswith("_"))

@@ -76,26 +76,24 @@ def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def positive_number(text: str) -> float:
-    """An option type: a finite number > 0 (NaN, ±inf, 0 and negatives are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        _refuse(f"expected a number > 0, got {text!r}")
-    if not (math.isfinite(value) and value > 0):
-        _refuse(f"expected a finite number > 0, got {text!r}")
-    return value
+def finite_number(*, strict: bool) -> Callable[[str], float]:
+    """An option type: a finite number > 0 (``strict``) or ≥ 0; NaN, ±inf and the rest refused."""
+    wanted = f"a finite number {'>' if strict else '≥'} 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            _refuse(f"expected {wanted}, got {text!r}")
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            _refuse(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_number(text: str) -> float:
-    """An option type: a finite number ≥ 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        _refuse(f"expected a number ≥ 0, got {text!r}")
-    if not (math.isfinite(value) and value >= 0):
-        _refuse(f"expected a finite number ≥ 0, got {text!r}")
-    return value
+positive_number = finite_number(strict=True)
+non_negative_number = finite_number(strict=False)
 
 
 def learning_rate(text: str) -> str | float:

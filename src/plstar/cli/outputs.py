@@ -15,9 +15,7 @@ default applies: the tensor itself, else ``logits``, else the first tensor retur
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from plstar.errors import PlstarInputError
 from plstar.functional import default_output
+from plstar.models import import_user_file
 
 POSITIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "first": lambda t: t[:, 0],
@@ -115,19 +114,7 @@ def output_spec(text: str) -> OutputSpec:
 def _load_function(path: Path, name: str, spec: str) -> Callable[[Any], Any]:
     if not path.is_file():
         raise PlstarInputError(f"--output {spec}: file not found: {path}")
-    module_name = f"plstar_user_output_{abs(hash(path.resolve()))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise PlstarInputError(f"--output {spec}: cannot import {path} (a .py source file)")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except (Exception, SystemExit) as error:  # the file's own error, said in one line
-        del sys.modules[module_name]
-        raise PlstarInputError(
-            f"--output {spec}: importing {path} failed: {type(error).__name__}: {error}"
-        ) from error
+    module = import_user_file(path, "output", f"--output {spec}: ")
     function = getattr(module, name, None)
     if not callable(function):
         what = "is missing" if function is None else f"is a {type(function).__name__}"
