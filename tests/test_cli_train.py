@@ -225,3 +225,31 @@ def test_an_interpolating_start_is_a_complete_zero_step_run(tmp_path: Path, caps
     assert [r["step"] for r in lines_of(out / "metrics.jsonl")] == [0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["result"]["steps"] == 0 and not summary["interrupted"]
+
+
+def test_ctrl_c_while_a_metrics_line_is_written_keeps_it_once(tmp_path: Path) -> None:
+    """A Ctrl-C that lands between writing a line and counting it used to leave the line pending,
+    so the summary wrote it again (a duplicated step, seen once in a full run)."""
+    from plstar.cli.train import _RunFolder
+
+    folder = _RunFolder(tmp_path, {"command": "test"})
+    folder.pending = ['{"step": 0}\n', '{"step": 1}\n']
+    folder.start()
+    assert folder.handle is not None
+    real_write = folder.handle.write
+
+    def interrupted_write(text: str) -> int:
+        written = real_write(text)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before the line is counted
+        return written
+
+    folder.handle.write = interrupted_write  # type: ignore[method-assign]
+    folder.pending = ['{"step": 2}\n', '{"step": 3}\n']
+    with pytest.raises(KeyboardInterrupt):
+        folder.start()
+    assert folder.lines == 3 and folder.pending == ['{"step": 3}\n']
+    folder.handle.write = real_write  # type: ignore[method-assign]
+    folder.start()
+    folder.close()
+    steps = [r["step"] for r in lines_of(tmp_path / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3]

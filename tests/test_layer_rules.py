@@ -175,29 +175,115 @@ def test_subclasses_are_matched_by_behaviour_not_type() -> None:
 
 
 class AttentionPool(nn.Module):
-    def __init__(self) -> None:
+    """Self-attention through nn.MultiheadAttention, called with ``options``, pooled."""
+
+    def __init__(self, attention: nn.MultiheadAttention | None = None, **options: object) -> None:
         super().__init__()
         self.embed = nn.Linear(3, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = attention or nn.MultiheadAttention(8, 2, batch_first=True)
         self.norm = nn.LayerNorm(8)
         self.head = nn.Linear(8, 2)
+        self.options = options
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x)
-        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
-        return self.head(h.mean(dim=1))
+        seq = h if self.attn.batch_first else h.transpose(0, 1)
+        options = dict(self.options)
+        if options.pop("causal", False):
+            options["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(
+                x.shape[1], dtype=x.dtype
+            )
+            options["is_causal"] = True
+        if options.pop("padding", False):  # the last position of every sample is padding
+            options["key_padding_mask"] = torch.arange(x.shape[1]).expand(x.shape[0], -1) == (
+                x.shape[1] - 1
+            )
+        if options.pop("cross", False):  # keys and values from another tensor
+            attended, weights = self.attn(seq, torch.tanh(seq), torch.tanh(seq), **options)
+        else:
+            attended, weights = self.attn(seq, seq, seq, **options)
+        attended = attended if self.attn.batch_first else attended.transpose(0, 1)
+        h = self.norm(h + attended)
+        pooled = h.mean(dim=1)
+        if weights is not None:  # the averaged attention weights feed F too
+            pooled = pooled + (weights.flatten(1) ** 2).mean(dim=1, keepdim=True)
+        return self.head(pooled)
 
 
-def test_multihead_attention_alone_takes_jacobian_rows() -> None:
+ATTENTION_PARAMETERS = {
+    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"need_weights": False},
+        {},  # need_weights=True: the averaged weights are returned and used
+        {"need_weights": False, "causal": True},
+        {"average_attn_weights": False, "padding": True},
+        {"need_weights": False, "sequence_first": True},
+    ],
+    ids=["plain", "weights", "causal-mask", "padding-mask", "sequence-first"],
+)
+def test_multihead_self_attention_is_structured(options: dict) -> None:
+    """Its packed in-projection and out_proj get factors (no Jacobian rows) under every mask
+    and option, and the kernel equals the dense oracle."""
     torch.manual_seed(0)
-    model, x = _randomized(AttentionPool()), torch.randn(4, 5, 3)
+    options = dict(options)
+    batch_first = not options.pop("sequence_first", False)
+    attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    model, x = _randomized(AttentionPool(attention, **options)), torch.randn(4, 5, 3)
     found = routing(model, x)
-    assert set(found.modules) == {"embed", "norm", "head"}
-    assert set(found.fallback) == {
-        "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"
-    }  # fmt: skip
-    assert "computes its projections inside" in found.rows_reasons["attn"]
-    assert "never calls it" in found.rows_reasons["attn.out_proj"]
+    assert {"attn", "attn.out_proj"} <= set(found.modules)
+    assert not ATTENTION_PARAMETERS & set(found.fallback)
+    assert_structured_matches_oracle(model, x)
+
+
+def test_transformer_encoder_layers_are_structured_throughout() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+    model = _randomized(nn.Sequential(nn.Linear(3, 8), layer, nn.Flatten(), nn.Linear(40, 2)))
+    x = torch.randn(4, 5, 3)
+    found = routing(model, x.double())
+    assert found.fallback == [] and "1.self_attn" in found.modules
+    assert_structured_matches_oracle(model, x)
+
+
+class ScaledAttention(nn.MultiheadAttention):
+    """A subclass whose forward computes something else than its base's."""
+
+    def forward(self, *args: object, **kwargs: object) -> tuple[Tensor, Tensor | None]:
+        out, weights = super().forward(*args, **kwargs)
+        return 2.0 * out, weights
+
+
+@pytest.mark.parametrize(
+    ("attention", "options", "why"),
+    [
+        (lambda: nn.MultiheadAttention(8, 2, batch_first=True), {"cross": True},
+         "not self-attention"),
+        (lambda: nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True), {},
+         "add_bias_kv"),
+        (lambda: nn.MultiheadAttention(8, 2, batch_first=True, kdim=8, vdim=6), {"cross": True},
+         "separate q/k/v"),
+        (lambda: ScaledAttention(8, 2, batch_first=True), {}, "differs from its own"),
+    ],
+    ids=["cross-attention", "bias-kv", "kdim-vdim", "subclass"],
+)  # fmt: skip
+def test_multihead_attention_the_rule_cannot_serve_takes_rows(attention, options, why) -> None:
+    torch.manual_seed(0)
+    model, x = _randomized(AttentionPool(attention(), **options)), torch.randn(4, 5, 3)
+    if why == "separate q/k/v":  # keys of width 8 and values of width 6
+
+        def forward(x: Tensor) -> Tensor:
+            h = model.embed(x)
+            return model.head(model.attn(h, h, h[..., :6])[0].mean(dim=1))
+
+        model.forward = forward  # type: ignore[method-assign]
+    found = routing(model, x)
+    assert why in found.rows_reasons["attn"]
+    assert {"embed", "head"} <= set(found.modules)
     assert_structured_matches_oracle(model, x)
 
 

@@ -324,3 +324,37 @@ def test_probe_in_groups_of_outputs_within_a_small_budget_gives_the_same_feature
             assert a[0] == b[0] and torch.allclose(a[1], b[1], rtol=1e-14, atol=1e-14)
             if a[2] is not None:
                 assert torch.allclose(a[2], b[2], rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["gram", "tokens"])
+@pytest.mark.parametrize("same_block", [True, False], ids=["diagonal-block", "cross-block"])
+def test_position_pair_contraction_equals_its_definition(kind: str, same_block: bool) -> None:
+    """K[(i,a),(j,b)] = Σ_{t,s} W_ij[t,s] (D_(ia)t · D_(jb)s), W = input Grams or equal token
+    ids, against the four-index einsum of the definition (float64)."""
+    from plstar.factors import contract_factors, flops_per_pair, position_pair_flops
+
+    g = torch.Generator().manual_seed(0)
+    k, positions, p, q = 3, 6, 4, 5
+
+    def factor(c: int) -> tuple[str, Tensor, Tensor]:
+        if kind == "gram":
+            first = torch.randn(c, positions, p, generator=g, dtype=torch.float64)
+        else:
+            first = torch.randint(0, 4, (c, positions), generator=g)
+        return (kind, first, torch.randn(c * k, positions, q, generator=g, dtype=torch.float64))
+
+    left = factor(4)
+    right = left if same_block else factor(3)
+    _, a1, d1 = left
+    _, a2, d2 = right
+    if kind == "gram":
+        weights = torch.einsum("itp,jsp->ijts", a1, a2)
+    else:
+        weights = (a1[:, None, :, None] == a2[None, :, None, :]).double()
+    c1, c2 = a1.shape[0], a2.shape[0]
+    pairs = torch.einsum("ItQ,JsQ->IJts", d1, d2).view(c1, k, c2, k, positions, positions)
+    expected = torch.einsum("iajbts,ijts->iajb", pairs, weights).reshape(c1 * k, c2 * k)
+    K = contract_factors(left, right, k)
+    assert float((K - expected).abs().max() / expected.abs().max()) < 1e-13
+    width = p if kind == "gram" else 1
+    assert flops_per_pair([left], k) == position_pair_flops(positions, width, k, q)

@@ -2,7 +2,10 @@
 
 A factor takes one of three forms:
 ("gram", A (c, T, p), D (c·k, T, q)): K[(i,a),(j,b)] = Σ_{t,s} (A_it · A_js)(D_(ia)t · D_(jb)s) —
-layer inputs (bias folded in as a constant input 1) and output cotangents at T positions;
+layer inputs (bias folded in as a constant input 1) and output cotangents at T positions,
+contracted as Σ_t D_(ia)t · (Σ_s W_ij[t,s] D_(jb)s) with W_ij[t,s] = A_it · A_js, so that
+the k² cotangent pairs meet once per position, not once per position pair:
+T²p + k·T·q·(T + k) multiply-adds per sample pair (:func:`position_pair_flops`);
 ("rows", R (c·k, r), None): per-sample gradients, K = R Rᵀ;
 ("tokens", ids (c, T), D (c·k, T, q)): an embedding, K = Σ_{t,s} [ids_it = ids_js] D·D.
 :func:`contract_factors` gives the kernel block between two factors; :func:`pull_factor` and
@@ -27,6 +30,21 @@ GRAM_SLOWDOWN = 2.0
 same flops, measured here; the forms are compared, and implementations planned, with it."""
 
 
+def position_pair_flops(positions: int, width: int, k: int, q: int) -> int:
+    """Multiply-adds per sample pair of a "gram" or "tokens" factor: the position weights W_ij
+    (T² · width; width 1 for token ids), then Σ_s W_ij[t,s] D_(jb)s (k·T²·q) and its product
+    with D_(ia)t (k²·T·q). At one position: width + k²·q."""
+    if positions == 1:
+        return width + k * k * q
+    return positions * positions * width + k * positions * q * (positions + k)
+
+
+def position_pair_elements(positions: int, k: int, q: int) -> int:
+    """Temporary elements per row sample while a "gram" or "tokens" factor is contracted:
+    W_ij for one column sample (T²) and Σ_s W_ij[t,s] D_(jb)s (T·q·k)."""
+    return 0 if positions == 1 else positions * positions + positions * q * k
+
+
 def weight_inputs(inputs: Tensor, scale: float, bias: bool) -> Tensor:
     """scale·inputs, with a constant 1 appended when the bias rides along, written in one pass."""
     if scale == 1.0 and not bias:
@@ -43,16 +61,17 @@ def weight_factors(inputs: Tensor, delta: Tensor) -> list[Factor]:
     """Factors of a weight applied as z_t = W_g a_t (per group g) at T positions.
 
     inputs (c, T, p) or (c, T, g, p) grouped; delta (c·k, T, q) or (c·k, T, g, q). The Gram
-    form costs g·T²(p + k²q) per sample pair (×GRAM_SLOWDOWN), the rows form (per-sample
-    gradients Σ_t δ_t a_tᵀ materialised, one GEMM) k²·g·p·q; the cheaper is taken. The Gram form of a grouped weight is one
-    factor per group (groups share no parameter, so they have no cross terms).
+    form costs g·(T²p + k·T·q·(T + k)) per sample pair (×GRAM_SLOWDOWN), the rows form
+    (per-sample gradients Σ_t δ_t a_tᵀ materialised, one GEMM) k²·g·p·q; the cheaper is taken.
+    The Gram form of a grouped weight is one factor per group (groups share no parameter, so
+    they have no cross terms).
     """
     if inputs.ndim == 3:
         inputs, delta = inputs.unsqueeze(2), delta.unsqueeze(2)
     c, positions, groups, p = inputs.shape
     ck, q = delta.shape[0], delta.shape[3]
     k = ck // c
-    gram_cost = GRAM_SLOWDOWN * groups * positions * positions * (p + k * k * q)
+    gram_cost = GRAM_SLOWDOWN * groups * position_pair_flops(positions, p, k, q)
     rows_cost = groups * k * k * p * q
     if positions == 1 or gram_cost <= rows_cost:
         return [("gram", inputs[:, :, g], delta[:, :, g]) for g in range(groups)]
@@ -85,18 +104,42 @@ def contract_factors(left: Factor, right: Factor, k: int) -> Tensor:
     _, a2, d2 = right
     if kind == "rows":
         return row_products(a1, a2)
+    assert d1 is not None and d2 is not None
     c1, c2 = a1.shape[0], a2.shape[0]
-    if kind == "tokens":
-        same = (a1[:, None, :, None] == a2[None, :, None, :]).to(d1.dtype)  # (c1, c2, T1, T2)
-        cot = torch.einsum("ItQ,JsQ->IJts", d1, d2).view(c1, k, c2, k, *same.shape[2:])
-        return (cot * same[:, None, :, None]).sum(dim=(-2, -1)).reshape(c1 * k, c2 * k)
-    if a1.shape[1] == 1:
+    if kind == "gram" and a1.shape[1] == 1:
         grams = a1[:, 0] @ a2[:, 0].T
         cot = (d1[:, 0] @ d2[:, 0].T).view(c1, k, c2, k)
         return (cot * grams[:, None, :, None]).reshape(c1 * k, c2 * k)
-    grams = torch.einsum("itp,jsp->ijts", a1, a2)
-    cot = torch.einsum("ItQ,JsQ->IJts", d1, d2).view(c1, k, c2, k, *grams.shape[2:])
-    return (cot * grams[:, None, :, None]).sum(dim=(-2, -1)).reshape(c1 * k, c2 * k)
+    return _position_pairs(kind, a1, d1, a2, d2, k, symmetric=left is right)
+
+
+def _position_pairs(
+    kind: str, a1: Tensor, d1: Tensor, a2: Tensor, d2: Tensor, k: int, symmetric: bool
+) -> Tensor:
+    """Σ_{t,s} W_ij[t,s] (D_(ia)t · D_(jb)s) for W = input Grams ("gram") or equal token ids
+    ("tokens"), one column sample j at a time: Y = W_·j D_j is one GEMM over all row samples and
+    positions, then each row sample's k×k block one batched product. Memory: T² + T·q·k per
+    row sample. On a diagonal block (``symmetric``) only row samples i ≤ j are computed and the
+    rest mirrored."""
+    c1, c2, t1, q = a1.shape[0], a2.shape[0], d1.shape[1], d1.shape[2]
+    rows = d1.reshape(c1, k, t1 * q)
+    # (c2, T2, q, k): each column sample's cotangents with the outputs last, ready for Y
+    columns = d2.view(c2, k, d2.shape[1], q).permute(0, 2, 3, 1).contiguous()
+    flat = a1.reshape(c1 * t1, -1) if kind == "gram" else a1.reshape(c1 * t1, 1)
+    out = d1.new_empty((c1, k, c2, k))
+    for j in range(c2):
+        stop = j + 1 if symmetric else c1
+        if kind == "gram":
+            weights = flat[: stop * t1] @ a2[j].T  # (stop·T1, T2)
+        else:
+            weights = (flat[: stop * t1] == a2[j][None, :]).to(d1.dtype)
+        mixed = (weights @ columns[j].view(columns.shape[1], -1)).view(stop, t1 * q, k)
+        out[:stop, :, j] = torch.bmm(rows[:stop], mixed)
+    if symmetric:  # blocks (i, j) with i > j from (j, i)
+        blocks = out.permute(0, 2, 1, 3)
+        lower = torch.ones(c1, c1, dtype=torch.bool, device=out.device).tril(-1)
+        blocks[lower] = blocks.transpose(0, 1).transpose(2, 3)[lower]
+    return out.view(c1 * k, c2 * k)
 
 
 def pull_factor(factor: Factor, v: Tensor, k: int) -> Tensor:
@@ -173,9 +216,8 @@ def flops_per_pair(
             total += k * k * first.shape[1]
         else:
             assert second is not None
-            positions = first.shape[1]
             width = 1 if kind == "tokens" else first.shape[2]
-            total += positions * positions * (width + k * k * second.shape[2])
+            total += position_pair_flops(first.shape[1], width, k, second.shape[2])
     return total
 
 
@@ -201,6 +243,8 @@ class LayerRule:
     * :meth:`gradients` (optional) — per-sample gradients in each parameter's own layout,
       (c·k, *parameter shape); needed only when the module shares a parameter with another
       module (a tied embedding and output head), whose gradients are then added.
+    * :meth:`decompose` (with ``decomposes = True``) — for a layer whose parameters act inside
+      its forward (``nn.MultiheadAttention``): the uses are then its (a, z) pairs.
     """
 
     def unsupported(self, module: nn.Module) -> str | None:
@@ -218,4 +262,15 @@ class LayerRule:
     def gradients(self, module: nn.Module, uses: list[Use], k: int) -> dict[str, Tensor]:
         """Per-sample gradients of the trainable parameters, by attribute name:
         (c·k, *parameter shape), row i·k + a = ∂f_a(x_i)/∂parameter."""
+        raise NotImplementedError
+
+    decomposes = False
+    """Whether the layer's parameters act inside its forward, out of the hooks' reach, so that
+    recording calls :meth:`decompose` instead of reading the module's input and output."""
+
+    def decompose(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> tuple[Tensor, Tensor, Any] | str:
+        """The module's output recomputed from its arguments through a map z = g(a) that the
+        factors describe: (a, z, the output to hand on in place of ``output``), or why not."""
         raise NotImplementedError

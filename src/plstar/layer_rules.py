@@ -16,13 +16,24 @@ parameters of LayerNorm / RMSNorm / GroupNorm / eval-mode BatchNorm, and plstar'
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plstar.conv_rules import ConvRule
 from plstar.errors import PlstarInputError
-from plstar.factors import GRAM_SLOWDOWN, Factor, LayerRule, Use, weight_factors, weight_inputs
+from plstar.factors import (
+    GRAM_SLOWDOWN,
+    Factor,
+    LayerRule,
+    Use,
+    position_pair_flops,
+    weight_factors,
+    weight_inputs,
+)
 from plstar.models import NTKConv2d, NTKLinear
 
 __all__ = ["RULES", "LayerRule", "layer_factors", "register_rule", "rule_for", "unsupported"]
@@ -30,6 +41,15 @@ __all__ = ["RULES", "LayerRule", "layer_factors", "register_rule", "rule_for", "
 
 def _trainable(module: nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def output_close(expected: object, actual: Tensor) -> bool:
+    """Whether a rule's output matches the module's (√eps of its dtype, relative)."""
+    if not isinstance(expected, Tensor) or expected.shape != actual.shape:
+        return False
+    scale = float(actual.abs().max()) if actual.numel() else 0.0
+    tolerance = float(torch.finfo(actual.dtype).eps) ** 0.5 * max(scale, 1e-30)
+    return bool(((expected - actual).abs() <= tolerance).all())
 
 
 def _join(parts: list[Tensor]) -> Tensor:
@@ -42,34 +62,49 @@ class LinearRule(LayerRule):
 
     ``transposed``: the weight is stored (in, out), as in Hugging Face's ``Conv1D``;
     ``scaled``: z = scale·W a + b, plstar's NTK layer. The factor is the same either way: the
-    Gram form does not depend on how W is laid out.
+    Gram form does not depend on how W is laid out. ``weight`` and ``bias`` name the attributes.
     """
 
-    def __init__(self, *, transposed: bool = False, scaled: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        transposed: bool = False,
+        scaled: bool = False,
+        weight: str = "weight",
+        bias: str = "bias",
+    ) -> None:
         self.transposed, self.scaled = transposed, scaled
+        self.weight, self.bias = weight, bias
+
+    def _weight(self, module: nn.Module) -> Tensor:
+        return getattr(module, self.weight)
+
+    def _bias(self, module: nn.Module) -> Tensor | None:
+        return getattr(module, self.bias, None)
 
     def unsupported(self, module: nn.Module) -> str | None:
-        return None if module.weight.ndim == 2 else "its weight is not a matrix"
+        return None if self._weight(module).ndim == 2 else "its weight is not a matrix"
 
     def reference(self, module: nn.Module, inputs: Tensor) -> Tensor:
-        weight = module.weight.T if self.transposed else module.weight
+        weight, bias = self._weight(module), self._bias(module)
+        weight = weight.T if self.transposed else weight
         if not self.scaled:
-            return F.linear(inputs, weight, module.bias)
+            return F.linear(inputs, weight, bias)
         out = F.linear(inputs, weight) * module.scale
-        return out if module.bias is None else out + module.bias
+        return out if bias is None else out + bias
 
     def _positions(self, module: nn.Module, uses: list[Use], k: int) -> tuple[Tensor, Tensor]:
         """Inputs (c, T, d_in) and cotangents (c·k, T, d_out) of all calls, at T positions."""
         c = uses[0][0].shape[0]
-        d_out, d_in = module.weight.shape[:: -1 if self.transposed else 1]
+        d_out, d_in = self._weight(module).shape[:: -1 if self.transposed else 1]
         inputs = _join([a.reshape(c, -1, d_in) for a, _ in uses])
         return inputs, _join([cot.reshape(c * k, -1, d_out) for _, cot in uses])
 
     def factors(self, module: nn.Module, uses: list[Use], k: int) -> list[Factor]:
         inputs, delta = self._positions(module, uses, k)
         trainable = _trainable(module)
-        has_bias = "bias" in trainable and module.bias is not None
-        if "weight" in trainable:
+        has_bias = self.bias in trainable and self._bias(module) is not None
+        if self.weight in trainable:
             scale = module.scale if self.scaled else 1.0
             return weight_factors(weight_inputs(inputs, scale, has_bias), delta)
         return [("rows", delta.sum(dim=1), None)] if has_bias else []
@@ -78,14 +113,65 @@ class LinearRule(LayerRule):
         inputs, delta = self._positions(module, uses, k)
         c, (d_in, d_out) = inputs.shape[0], (inputs.shape[2], delta.shape[2])
         grads, trainable = {}, _trainable(module)
-        if "weight" in trainable:
+        if self.weight in trainable:
             scale = module.scale if self.scaled else 1.0
             grad = torch.einsum("cktq,ctp->ckqp", delta.view(c, k, *delta.shape[1:]), inputs)
             grad = (grad * scale).reshape(c * k, d_out, d_in)
-            grads["weight"] = grad.transpose(1, 2) if self.transposed else grad
-        if "bias" in trainable and module.bias is not None:
-            grads["bias"] = delta.sum(dim=1)
+            grads[self.weight] = grad.transpose(1, 2) if self.transposed else grad
+        if self.bias in trainable and self._bias(module) is not None:
+            grads[self.bias] = delta.sum(dim=1)
         return grads
+
+
+class SelfAttentionRule(LinearRule):
+    """``nn.MultiheadAttention`` on self-attention: its packed in-projection z = W_in a + b_in
+    (q, k, v = z split in three) is a linear layer; ``out_proj`` is called as a module, so the
+    Linear rule serves it. Recording replaces the module's output by the same computation
+    through z: ``F.multi_head_attention_forward`` on the projected q, k, v with identity
+    projections (every mask and option handled by torch itself), then ``out_proj``; a call
+    whose recomputed output differs from the module's own is refused (Jacobian rows)."""
+
+    decomposes = True
+
+    def __init__(self) -> None:
+        super().__init__(weight="in_proj_weight", bias="in_proj_bias")
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if not getattr(module, "_qkv_same_embed_dim", False):
+            return "separate q/k/v projection weights (kdim or vdim differ from embed_dim)"
+        if module.bias_k is not None or module.add_zero_attn:
+            return "add_bias_kv or add_zero_attn append keys inside its forward"
+        return super().unsupported(module)
+
+    def decompose(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> tuple[Tensor, Tensor, Any] | str:
+        bound = _ATTENTION_ARGUMENTS.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        query = given.pop("query")
+        if query is not given.pop("key") or query is not given.pop("value"):
+            return "it is not self-attention (query, key and value are not one tensor)"
+        if query.ndim != 3 or not isinstance(output, tuple):
+            return "its input is not batched"
+        a = query if module.batch_first else query.transpose(0, 1)  # (c, T, E)
+        z = F.linear(a, module.in_proj_weight, module.in_proj_bias)
+        q, k, v = (part.transpose(0, 1) for part in z.chunk(3, dim=-1))
+        eye = torch.eye(module.embed_dim, dtype=z.dtype, device=z.device)
+        given.pop("self")
+        attended, weights = F.multi_head_attention_forward(
+            q, k, v, module.embed_dim, module.num_heads, None, None, None, None, False,
+            module.dropout, eye, None, training=module.training, use_separate_proj_weight=True,
+            q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye, **given,
+        )  # fmt: skip
+        out = module.out_proj(attended.transpose(0, 1))
+        out = out if module.batch_first else out.transpose(0, 1)
+        if not output_close(out.detach(), output[0].detach()):
+            return "recomputed through its in-projection, its output differs from its own"
+        return a, z, (out, weights)
+
+
+_ATTENTION_ARGUMENTS = inspect.signature(nn.MultiheadAttention.forward)
 
 
 class EmbeddingRule(LayerRule):
@@ -102,12 +188,12 @@ class EmbeddingRule(LayerRule):
         return F.embedding(inputs, module.weight)
 
     def factors(self, module: nn.Module, uses: list[Use], k: int) -> list[Factor]:
-        """The "tokens" form, T²(1 + k²d) per sample pair (×2: it sums over position pairs), or
-        — when the table is small (position embeddings) — its per-sample gradients, k²·V·d per
-        pair: the cheaper."""
+        """The "tokens" form, T² + k·T·d·(T + k) per sample pair (×GRAM_SLOWDOWN), or — when
+        the table is small (position embeddings) — its per-sample gradients, k²·V·d per pair:
+        the cheaper."""
         tokens, delta = self._tokens(module, uses, k)
         positions, (rows, dim) = tokens.shape[1], module.weight.shape
-        if k * k * rows * dim < GRAM_SLOWDOWN * positions * positions * (1 + k * k * dim):
+        if k * k * rows * dim < GRAM_SLOWDOWN * position_pair_flops(positions, 1, k, dim):
             grad = self.gradients(module, uses, k)["weight"]
             return [("rows", grad.reshape(grad.shape[0], -1), None)]
         return [("tokens", tokens, delta)]
@@ -186,16 +272,6 @@ class NormRule(LayerRule):
         return factors
 
 
-class NoRule(LayerRule):
-    """A layer known to have no structured rule, with the reason (its parameters take rows)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        return self.reason
-
-
 def _sum_over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     # ``sum(dim=())`` would reduce every dimension
     return t.sum(dim=dims) if dims else t
@@ -215,12 +291,7 @@ RULES: dict[type[nn.Module] | str, LayerRule] = {
     nn.RMSNorm: NormRule("rms"),
     nn.GroupNorm: NormRule("group"),
     nn.modules.batchnorm._BatchNorm: NormRule("batch"),
-    # Its q/k/v projections happen inside F.multi_head_attention_forward, where no hook sees
-    # their outputs, and out_proj's weight is read there without calling out_proj
-    nn.MultiheadAttention: NoRule(
-        "nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward, "
-        "out of the hooks' reach"
-    ),
+    nn.MultiheadAttention: SelfAttentionRule(),
 }
 """Layer type (or qualified class name) -> rule; read through :func:`rule_for`."""
 _GENERATION = 0

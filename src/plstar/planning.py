@@ -222,19 +222,20 @@ def _blocked(sizes: _Sizes, budget: int, probe: structured.Probe | None) -> Kern
     s, k = sizes, sizes.k
     activations = s.costs.activation_bytes
     if probe is not None:  # kept features; the activations only while a block is computed
-        stored, per_pair = probe.bytes(s.dtype, k)
+        stored, contraction = probe.bytes(s.dtype, k)
         fallback = bool(probe.fallback)
         rows_m = probe.sizes(k).fallback_width
         transient = k * activations * (2 if fallback else 1) + k * rows_m * s.model_itemsize
+        transient = max(transient, contraction)  # features are made, then contracted
         grams = probe.flops_per_pair(k, ("gram", "tokens"))
         pair_flops = 2 * (probe.flops_per_pair(k, ("rows",)) + GRAM_SLOWDOWN * grams)
         name = "structured"
     else:
-        stored, per_pair = k * s.m * s.itemsize, 0
+        stored = k * s.m * s.itemsize
         transient = k * (s.m * s.model_itemsize + activations)
         pair_flops = 2 * k * k * s.m
         name = "jacobian"
-    per_pair += 3 * k * k * s.itemsize  # the block product and its temporaries
+    per_pair = 3 * k * k * s.itemsize  # the block product and its temporaries
     samples = s.n if s.symmetric else s.n + s.n2
     # Keep every block's features when they fit with room for blocks of ≥ 64 samples; else hold
     # two blocks at a time and recompute column blocks.

@@ -8,6 +8,11 @@ identity``) bumps the version counter of a recorded tensor, the block is recorde
 that module's input copied and its output handed on as a copy — the recorded output keeps its
 place in the graph, the in-place operation changes the copy — and the module is remembered, so
 later blocks copy from the start. A model without in-place operations copies nothing.
+
+A module whose rule decomposes it (``nn.MultiheadAttention``: its parameters act inside its
+forward, out of the hooks' reach) is recorded through the rule's inner map: the hook recomputes
+its output through that map and hands the recomputed output on, so the map's output is in the
+graph and gets cotangents.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from plstar.functional import FunctionalModel
+from plstar.layer_rules import rule_for
 
 
 class SharedOutputError(RuntimeError):
@@ -76,10 +82,18 @@ def record_calls(
     first copy only)."""
     calls: list[LayerCall] = []
     names = {id(m): name for name, m in modules.items()}
+    decomposing = {id(m) for m in modules.values() if getattr(rule_for(m), "decomposes", False)}
     rows = batch * copies
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> Tensor | None:
-        name, a = names[id(module)], _first_tensor(args, kwargs)
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        name, a, replaced = names[id(module)], _first_tensor(args, kwargs), None
+        if id(module) in decomposing:  # record its inner map: (a, z), and hand on its output
+            made = rule_for(module).decompose(module, args, kwargs, output)  # type: ignore[union-attr]
+            if isinstance(made, str):
+                empty = torch.empty(0)
+                calls.append(LayerCall(name, module, empty, empty, problem=made))
+                return None
+            a, output, replaced = made
         if not isinstance(a, Tensor) or not isinstance(output, Tensor):
             empty = torch.empty(0)
             calls.append(LayerCall(name, module, empty, empty, problem="it is not called on a "
@@ -98,10 +112,11 @@ def record_calls(
         if module in _IN_PLACE:
             kept = a[:batch].detach().clone()
             calls.append(LayerCall(name, module, kept, output, None, shared, problem))
-            return output.clone()  # later in-place operations change the copy
+            # later in-place operations change the copy (a decomposed output is never handed on)
+            return replaced if replaced is not None else output.clone()
         versions = (a._version, output._version)
         calls.append(LayerCall(name, module, a[:batch].detach(), output, versions, shared, problem))
-        return handed_on
+        return replaced if replaced is not None else handed_on
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules.values()]
     try:

@@ -187,13 +187,13 @@ def split_parameters(fmodel: FunctionalModel) -> tuple[dict[str, nn.Module], lis
 @dataclass(frozen=True)
 class Footprint:
     """The sizes a plan needs from a probe, kept when its tensors are dropped: per sample, the
-    features' floating elements and other bytes (token ids); the most positions of a Gram or
-    tokens factor (pair temporaries); the contraction's multiply-adds per sample pair by factor
-    kind; the width of the fallback Jacobian rows."""
+    features' floating elements and other bytes (token ids); the most temporary elements per
+    row sample of contracting a Gram or tokens factor; the contraction's multiply-adds per sample
+    pair by factor kind; the width of the fallback Jacobian rows."""
 
     float_elements: float
     other_bytes: float
-    positions: int
+    contraction_elements: int
     flops: dict[str, int]
     fallback_width: int
 
@@ -206,13 +206,17 @@ class Footprint:
         tensors = [t for f in features.factors for t in f[1:] if t is not None]
         floats = sum(t.numel() for t in tensors if t.is_floating_point()) / samples
         other = sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point())
-        positions = max((f[1].shape[1] for f in features.factors if f[0] != "rows"), default=0)
+        contraction = max(
+            (algebra.position_pair_elements(f[1].shape[1], k, f[2].shape[2])
+             for f in features.factors if f[2] is not None),
+            default=0,
+        )  # fmt: skip
         flops = {
             kind: algebra.flops_per_pair(features.factors, k, (kind,))
             for kind in ("gram", "tokens", "rows")
         }
         flops["rows"] += k * k * fallback
-        return cls(floats + k * fallback, other / samples, positions, flops, fallback)
+        return cls(floats + k * fallback, other / samples, contraction, flops, fallback)
 
 
 @dataclass(frozen=True)
@@ -237,11 +241,12 @@ class Probe:
     footprint: Footprint | None = None
 
     def bytes(self, dtype: torch.dtype, k: int) -> tuple[int, int]:
-        """(bytes of one sample's features in ``dtype``, bytes of one sample pair's temporaries)."""
+        """(bytes of one sample's features in ``dtype``, bytes of the contraction's temporaries
+        per row sample)."""
         size = self.sizes(k)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        per_pair = 2 * k * k * size.positions**2 * itemsize
-        return int(size.float_elements * itemsize + size.other_bytes), per_pair
+        per_row = size.contraction_elements * itemsize
+        return int(size.float_elements * itemsize + size.other_bytes), per_row
 
     def flops_per_pair(self, k: int, kinds: tuple[str, ...] = ("gram", "tokens", "rows")) -> int:
         """Multiply-adds per sample pair of the contraction (for comparison with k²·m), of the
@@ -270,15 +275,6 @@ _PROBE_BUDGET = 2**30  # bytes of activations a probe holds at a time, unless to
 """(modules the rules serve, why each other module with parameters takes Jacobian rows)."""
 
 
-def _output_close(expected: object, actual: Tensor) -> bool:
-    """Whether a rule's reference output matches the module's (√eps of its dtype, relative)."""
-    if not isinstance(expected, Tensor) or expected.shape != actual.shape:
-        return False
-    scale = float(actual.abs().max()) if actual.numel() else 0.0
-    tolerance = float(torch.finfo(actual.dtype).eps) ** 0.5 * max(scale, 1e-30)
-    return bool(((expected - actual).abs() <= tolerance).all())
-
-
 def _problems(
     fmodel: FunctionalModel, pair: Tensor, modules: dict[str, nn.Module], copies: int
 ) -> tuple[dict[str, str], dict[str, list[Factor]]]:
@@ -295,7 +291,7 @@ def _problems(
     if any(call.shared for call in recording.calls):
         with torch.no_grad():
             plain = fmodel.pick(fmodel.module(pair)).reshape(recording.out.shape)
-        if not _output_close(plain, recording.out.detach()):
+        if not layer_rules.output_close(plain, recording.out.detach()):
             why = "expanding its output, shared by all samples, to the batch changes F"
             problems.update({call.name: why for call in recording.calls if call.shared})
     with torch.no_grad():
@@ -306,7 +302,7 @@ def _problems(
                 expected = layer_rules.rule_for(call.module).reference(call.module, call.inputs)
             except Exception:  # any failure means the rule does not fit this call
                 expected = None
-            if not _output_close(expected, call.output.detach()[: pair.shape[0]]):
+            if not layer_rules.output_close(expected, call.output.detach()[: pair.shape[0]]):
                 problems[call.name] = (
                     f"its output is not the one the rule for {type(call.module).__name__} "
                     "assumes (a subclass whose forward computes something else, or an in-place "

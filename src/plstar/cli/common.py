@@ -8,7 +8,11 @@ count against the data's size right after loading (:func:`load_problem`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,6 +41,26 @@ def say_error(text: str) -> None:
     """One line on stderr, whatever the terminal width and whatever newlines ``text`` holds."""
     sys.stderr.write(" ".join(text.split()) + "\n")
     sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C inside the block takes effect as it ends, so the block is done whole (a line
+    written and counted once). Only the main thread can set signal handlers; elsewhere (tests
+    calling ``main``) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:  # None: a handler installed outside Python; Python's own is the nearest
+        signal.signal(
+            signal.SIGINT, previous if previous is not None else signal.default_int_handler
+        )
+    if caught:
+        raise KeyboardInterrupt
 
 
 def check_problem_options(args: argparse.Namespace) -> None:

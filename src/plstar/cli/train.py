@@ -26,6 +26,7 @@ from plstar.cli.common import (
     check_problem_options,
     console,
     hessian_outputs,
+    interrupts_deferred,
     load_problem,
     output_selector,
     versions,
@@ -106,10 +107,11 @@ class _RunFolder:
             self.written.append("config.json")
             self.handle = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
         while self.pending:
-            self.handle.write(self.pending[0])
-            self.handle.flush()
-            self.pending.pop(0)
-            self.lines += 1
+            with interrupts_deferred():  # a line cut between write and pop would be written twice
+                self.handle.write(self.pending[0])
+                self.handle.flush()
+                self.pending.pop(0)
+                self.lines += 1
 
     def finish(self, summary: dict[str, Any], monitor: plstar.Monitor, title: str) -> None:
         """Close metrics.jsonl; write summary.json, then training.png."""
