@@ -49,6 +49,7 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "hf-gpt2": ("hf-gpt2", dict(n=8, t=16, vocab=100, d=64, layers=2, heads=4)),
     "hf-bert": ("hf-bert", dict(n=32, t=16, vocab=1000, d=32, intermediate=128, max_positions=512)),
     "vit": ("vit", dict(n=16, size=32, patch=4, d=64)),
+    "vit-mha": ("vit-mha", dict(n=16, size=32, patch=4, d=64)),
     "mixer": ("mixer", dict(n=16, size=32, patch=4, d=64)),
     "cnn1d": ("cnn1d", dict(n=32, length=128, c=32)),
 }

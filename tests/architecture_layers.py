@@ -213,6 +213,31 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(h))[:, 0])
 
 
+class TorchvisionViT(nn.Module):
+    """torchvision's ViT layout: patch Conv2d, class token and position embedding as Parameters,
+    pre-LN encoder blocks with nn.MultiheadAttention (batch-first, nn.TransformerEncoderLayer
+    with norm_first and GELU computes torchvision's EncoderBlock), final LN, head on the class
+    token. x (B, 3, S, S) -> (B, k)."""
+
+    def __init__(self, size: int, patch: int, d: int, heads: int, layers: int, k: int) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, d, patch, patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos_embedding = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, d) * 0.1)
+        self.layers = nn.Sequential(*(
+            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(layers)
+        ))  # fmt: skip
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_proj(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.class_token.expand(h.shape[0], -1, -1), h], dim=1)
+        return self.head(self.ln(self.layers(h + self.pos_embedding))[:, 0])
+
+
 class MixerBlock(nn.Module):
     """Token-mixing MLP across patches, then channel-mixing MLP, each after a LayerNorm and with
     a residual."""

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from architecture_layers import AttentionPool, BertLike, GPT2Like, Mixer, ResNet, ViT
+from architecture_layers import (
+    AttentionPool,
+    BertLike,
+    GPT2Like,
+    Mixer,
+    ResNet,
+    TorchvisionViT,
+    ViT,
+)
 from torch import Tensor, nn
 
 Factory = Callable[..., tuple[nn.Module, Tensor]]
@@ -98,6 +106,15 @@ def vit(
 ) -> tuple[nn.Module, Tensor]:
     """x (n, 3, size, size) -> (n, k); 2 layers, 2 heads, (size / patch)² + 1 tokens."""
     model = _made(g, lambda: ViT(size, patch, d, 2, 2, k))
+    return model, torch.randn(n, 3, size, size, generator=g)
+
+
+def vit_mha(
+    g: torch.Generator, *, n: int = 3, size: int = 8, patch: int = 4, d: int = 16, k: int = 10
+) -> tuple[nn.Module, Tensor]:
+    """torchvision's ViT layout (nn.MultiheadAttention): x (n, 3, size, size) -> (n, k); 2
+    layers, 2 heads."""
+    model = _made(g, lambda: TorchvisionViT(size, patch, d, 2, 2, k))
     return model, torch.randn(n, 3, size, size, generator=g)
 
 
@@ -217,6 +234,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt2-like": Architecture(gpt2_like),
     "bert-like": Architecture(bert_like),
     "vit": Architecture(vit),
+    "vit-mha": Architecture(vit_mha),
     "mixer": Architecture(mixer),
     "cnn1d": Architecture(cnn1d),
     "multihead": Architecture(multihead),

@@ -278,10 +278,15 @@ def test_kernel_bound_sharp_holds_and_is_tighter_than_paper() -> None:
         0.1,
     ):
         sharp = theory.kernel_lower_bound_on_ball(lam0, eps, radius, nk)
-        paper = theory.kernel_lower_bound_on_ball(
-            lam0, eps, radius, nk, lipschitz=lip, form="paper"
+        paper, weyl = (
+            theory.kernel_lower_bound_on_ball(lam0, eps, radius, nk, lipschitz=lip, form=form)
+            for form in ("paper", "weyl")
         )
-        assert sharp >= paper
+        assert sharp >= paper >= weyl
+        delta = math.sqrt(nk) * eps * radius  # the closed forms, clipped at 0
+        assert paper == pytest.approx(max(0.0, lam0 - 2 * lip * delta), rel=1e-12, abs=1e-15)
+        assert weyl == pytest.approx(max(0.0, lam0 - 2 * lip * delta - delta**2), rel=1e-12,
+                                     abs=1e-15)  # fmt: skip
         for w in _ball_points(rng, w0, radius, 60):
             dist = float(np.linalg.norm(w - w0))
             dJ = np.linalg.norm(sys_.jacobian(w) - sys_.jacobian(w0))
@@ -290,13 +295,16 @@ def test_kernel_bound_sharp_holds_and_is_tighter_than_paper() -> None:
             assert exact >= sharp * (1 - 1e-10) - 1e-14
     r1 = theory.uniform_conditioning_radius(lam0, lam0 / 4, eps, nk)
     assert theory.kernel_lower_bound_on_ball(lam0, eps, r1, nk) == pytest.approx(lam0 / 4)
-    # sharp >= paper on a whole grid of radii, including where sharp has hit 0
+    # sharp >= paper >= weyl on a whole grid of radii, including where sharp has hit 0
     for radius in np.linspace(0, 3 * r1, 31):
         sharp = theory.kernel_lower_bound_on_ball(lam0, eps, float(radius), nk)
-        paper = theory.kernel_lower_bound_on_ball(
-            lam0, eps, float(radius), nk, lipschitz=lip, form="paper"
+        paper, weyl = (
+            theory.kernel_lower_bound_on_ball(
+                lam0, eps, float(radius), nk, lipschitz=lip, form=form
+            )
+            for form in ("paper", "weyl")
         )
-        assert sharp >= paper
+        assert sharp >= paper >= weyl
 
 
 def test_kernel_bound_sharp_is_attained_by_quadratic_model() -> None:
@@ -310,10 +318,11 @@ def test_kernel_bound_sharp_is_attained_by_quadratic_model() -> None:
         exact = float(grad @ grad)
         sharp = theory.kernel_lower_bound_on_ball(lam0, eps, radius, 1)
         assert exact == pytest.approx(sharp, rel=1e-12, abs=1e-14)
-        paper = theory.kernel_lower_bound_on_ball(
-            lam0, eps, radius, 1, lipschitz=math.sqrt(lam0) + eps * radius, form="paper"
-        )
-        assert paper <= sharp and (radius == 0 or paper < sharp)
+        for form in ("paper", "weyl"):
+            bound = theory.kernel_lower_bound_on_ball(
+                lam0, eps, radius, 1, lipschitz=math.sqrt(lam0), form=form
+            )
+            assert bound <= sharp and (radius == 0 or bound < sharp)
     # the uniform-conditioning radius cannot be enlarged for this model
     mu = lam0 / 9
     r = theory.uniform_conditioning_radius(lam0, mu, eps, 1)
@@ -647,6 +656,7 @@ def test_gd_edge_cases() -> None:
         lambda: theory.kernel_lower_bound_on_ball(1.0, 1.0, 1.0, 2.5),
         lambda: theory.kernel_lower_bound_on_ball(1.0, -1.0, 1.0, 2),
         lambda: theory.kernel_lower_bound_on_ball(1.0, 1.0, 1.0, 2, form="paper"),
+        lambda: theory.kernel_lower_bound_on_ball(1.0, 1.0, 1.0, 2, form="weyl"),
         lambda: theory.kernel_lower_bound_on_ball(4.0, 1.0, 1.0, 2, lipschitz=1.0, form="paper"),
         lambda: theory.kernel_lower_bound_on_ball(1.0, 1.0, 1.0, 2, form="loose"),
         lambda: theory.uniform_conditioning_radius(1.0, -0.5, 1.0, 2),

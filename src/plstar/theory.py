@@ -176,20 +176,22 @@ def kernel_lower_bound_on_ball(
     n_outputs: int,
     *,
     lipschitz: float | None = None,
-    form: Literal["sharp", "paper"] = "sharp",
+    form: Literal["sharp", "paper", "weyl"] = "sharp",
 ) -> float:
     """Lower bound on λ_min(K(w)) over B(w₀, R) from Hessian control (THEORY item 4; LZB §4.1).
 
     With ε >= max_j ‖H_{F_j}‖₂ on the ball, ‖DF(w) − DF(w₀)‖₂ <= ‖·‖_F <= √(nk)·ε·R =: δ.
     ``"sharp"`` (Weyl for singular values): max(0, √λ₀ − δ)²; attained by F(w) = a·w + ε‖w‖²/2.
-    ``"paper"``: λ₀ − 2 L_F δ − δ² with L_F >= ‖DF‖₂ on the ball (needs ``lipschitz``); valid,
-    implied by the sharp form since L_F >= √λ₀, and never larger. Both clipped at 0.
+    ``"paper"`` (the paper's form, LZB §4.1): λ₀ − 2 L_F δ, with L_F >= ‖DF(w₀)‖₂ (needs
+    ``lipschitz``). ``"weyl"`` (THEORY item 4 as written): λ₀ − 2 L_F δ − δ², the eigenvalue
+    Weyl bound keeping the ΔΔᵀ term that is positive semi-definite and can be dropped. All are
+    valid and sharp >= paper >= weyl (docs/theory.md); clipped at 0.
     """
     lambda0 = _real("lambda0", lambda0, minimum=0.0)
     eps = _real("hessian_norm", hessian_norm, minimum=0.0)
     radius = _real("radius", radius, minimum=0.0)
     nk = _int("n_outputs", n_outputs, minimum=1)
-    form = _choice("form", form, ("sharp", "paper"))  # type: ignore[assignment]
+    form = _choice("form", form, ("sharp", "paper", "weyl"))  # type: ignore[assignment]
     if lipschitz is not None:
         lipschitz = _real("lipschitz", lipschitz, minimum=0.0)
     delta = math.sqrt(nk) * eps * radius
@@ -197,14 +199,15 @@ def kernel_lower_bound_on_ball(
         root = math.sqrt(lambda0)
         return 0.0 if delta >= root else max(0.0, lambda0 - delta * (2.0 * root - delta))
     if lipschitz is None:
-        raise PlstarInputError("form='paper' needs lipschitz (a bound on ‖DF‖₂ on the ball)")
+        raise PlstarInputError(f"form={form!r} needs lipschitz (a bound on ‖DF(w₀)‖₂)")
     lip = _real("lipschitz", lipschitz, minimum=0.0)
     if lip < math.sqrt(lambda0) * (1.0 - 1e-9):
         raise PlstarInputError(
             f"lipschitz={lip} < √lambda0={math.sqrt(lambda0)}: a bound on ‖DF(w₀)‖₂ cannot be "
             "below its smallest singular value"
         )
-    return max(0.0, lambda0 - 2.0 * lip * delta - delta**2)
+    kept_square = delta**2 if form == "weyl" else 0.0
+    return max(0.0, lambda0 - 2.0 * lip * delta - kept_square)
 
 
 def uniform_conditioning_radius(
