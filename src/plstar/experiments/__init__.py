@@ -17,6 +17,7 @@ EXPERIMENTS: dict[int, str] = {
     8: "nonlinear_output",
     9: "random_systems",
     10: "infinite_width",
+    11: "pl_region",
 }
 
 
