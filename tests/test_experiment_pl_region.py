@@ -1,61 +1,11 @@
-"""Experiment 11 (the PL* region against the GD ball): its searches against closed forms, and its
-checks failing where the theory says they must (a bottlenecked network, whose ‖H_F‖ does not
-fall with width)."""
+"""Experiment 11 (the PL* region against the GD ball): its checks failing where the theory says
+they must (a bottlenecked network, whose ‖H_F‖ does not fall with width). The searches it uses
+are tested against closed forms in tests/test_region.py."""
 
 from __future__ import annotations
 
-import math
-
-import pytest
-import torch
-from torch import Tensor, nn
-
-from plstar.certify import flat_parameters
 from plstar.experiments import pl_region
 from plstar.experiments.base import Run
-
-
-class Quadratic(nn.Module):
-    """F(w) = a·w + ε‖w‖²/2 on one sample: K(w) = ‖a + εw‖², so along u = −a/‖a‖ from w = 0,
-    λ_min(K(w₀ + r·u)) = (‖a‖ − εr)², which falls below μ = λ₀/2 at r = ‖a‖(1 − 1/√2)/ε."""
-
-    def __init__(self, a: Tensor, eps: float) -> None:
-        super().__init__()
-        self.a, self.eps = a, eps
-        self.w = nn.Parameter(torch.zeros_like(a))
-
-    def forward(self, x: Tensor) -> Tensor:
-        value = self.a @ self.w + 0.5 * self.eps * self.w @ self.w
-        return value * torch.ones(x.shape[0], 1, dtype=x.dtype)
-
-
-def quadratic() -> tuple[Quadratic, Tensor, float]:
-    a = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64)
-    model = Quadratic(a, eps=0.5)
-    return model, torch.ones(1, 1, dtype=torch.float64), 5.0 * (1 - 2**-0.5) / 0.5
-
-
-def test_scan_and_adversarial_path_find_the_closed_form_crossing() -> None:
-    model, x, expected = quadratic()
-    w0 = flat_parameters(model)
-    mu = 25.0 / 2
-    crossing, radii, values = pl_region.scan(model, x, w0, -model.a / 5.0, mu, 10.0)
-    assert crossing == pytest.approx(expected, rel=1e-3)
-    assert values[-1] < mu <= min(values[:-1]) and radii == sorted(radii) and radii[-1] >= crossing
-    # λ_min falls fastest along −(a + εw): the path stays on the line through −a
-    r, direction, distances, path = pl_region.adversarial(model, x, w0, mu)
-    assert r == pytest.approx(expected, rel=1e-3)
-    assert torch.allclose(direction, -model.a / 5.0, atol=1e-9)
-    assert path[0] == pytest.approx(25.0) and path[-1] < mu and distances == sorted(distances)
-    assert torch.equal(flat_parameters(model), w0)  # left where it started
-
-
-def test_a_direction_that_never_crosses_reports_infinity() -> None:
-    model, x, _ = quadratic()
-    w0 = flat_parameters(model)
-    away = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # K = 25 + ε²r² only grows
-    crossing, _, values = pl_region.scan(model, x, w0, away, 12.5, 10.0)
-    assert math.isinf(crossing) and min(values) >= 25.0
 
 
 def test_crossover_is_the_first_width_from_which_r_mu_stays_above_r() -> None:

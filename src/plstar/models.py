@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -274,8 +274,11 @@ def cnn(
     return nn.Sequential(*layers)
 
 
-def load_model_factory(spec: str, *, seed: int | None = None) -> nn.Module:
-    """Build a user model from ``"path/to/file.py:factory"``: import the file, call ``factory()``.
+def load_model_factory(
+    spec: str, *, seed: int | None = None, arguments: tuple[Any, ...] = ()
+) -> nn.Module:
+    """Build a user model from ``"path/to/file.py:factory"``: import the file, call
+    ``factory(*arguments)`` (``plstar certify --widths`` passes the width).
 
     With ``seed``, the import and the call run under torch's, numpy's and Python's random
     generators seeded with it, and every generator's state is restored afterwards: an unseeded
@@ -294,7 +297,7 @@ def load_model_factory(spec: str, *, seed: int | None = None) -> nn.Module:
     if not path.is_file():
         raise PlstarInputError(f"model file not found: {path} (from spec {spec!r}).")
     with _seeded_everywhere(seed):
-        return _import_and_call(path, attr)
+        return _import_and_call(path, attr, arguments)
 
 
 @contextlib.contextmanager
@@ -344,7 +347,7 @@ def import_user_file(path: Path, kind: str, label: str = "") -> ModuleType:
     return module
 
 
-def _import_and_call(path: Path, attr: str) -> nn.Module:
+def _import_and_call(path: Path, attr: str, arguments: tuple[Any, ...] = ()) -> nn.Module:
     module = import_user_file(path, "model")
     factory = getattr(module, attr, None)
     if factory is None:
@@ -355,16 +358,18 @@ def _import_and_call(path: Path, attr: str) -> nn.Module:
             f"{path}:{attr} is a {type(factory).__name__}, not a callable factory; define "
             f"'def {attr}() -> nn.Module'."
         )
+    shown = ", ".join(repr(a) for a in arguments)
     try:
-        model = factory()
+        model = factory(*arguments)
     except (Exception, SystemExit) as exc:
+        takes = f"{len(arguments)} argument(s) ({shown})" if arguments else "no arguments"
         raise PlstarInputError(
-            f"calling {path}:{attr}() failed: {type(exc).__name__}: {exc}; the factory must take "
-            "no arguments."
+            f"calling {path}:{attr}({shown}) failed: {type(exc).__name__}: {exc}; the factory "
+            f"must take {takes}."
         ) from exc
     if not isinstance(model, nn.Module):
         raise PlstarInputError(
-            f"{path}:{attr}() returned a {type(model).__name__}, expected a torch.nn.Module."
+            f"{path}:{attr}({shown}) returned a {type(model).__name__}, expected a torch.nn.Module."
         )
     return model
 

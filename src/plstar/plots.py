@@ -105,3 +105,54 @@ def plot_training(
         figure.suptitle(title)
 
     return write_bytes(path, png_bytes(figure))
+
+
+def plot_region(
+    results: Sequence[Mapping[str, Any]], fit: Mapping[str, Any] | None, path: str | Path
+) -> Path:
+    """``plstar certify``'s figure: λ_min(K(w))/λ₀ along each direction family from w₀ (the last
+    result), with μ = λ₀/2, R and the Hessian-control radius; with a width fit, the bracket and R
+    against width with the fitted power laws. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11 if fit else 5.5, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2 if fit else 1, squeeze=False).ravel()
+    last = results[-1]
+    ax = axes[0]
+    for crossing in last["region"]["crossings"]:
+        radii, values = crossing["radii"], crossing["values"]
+        shown = [(r, v / last["lambda0"]) for r, v in zip(radii, values, strict=True) if r > 0]
+        if shown:
+            ax.plot(*zip(*shown, strict=True), label=crossing["name"])
+    ax.axhline(0.5, color="grey", linestyle=":", label="μ = λ₀/2")
+    ax.axvline(last["radius"], color="red", linestyle="--", label="R (GD theorem)")
+    if last["lower"] > 0:
+        ax.axvline(last["lower"], color="black", linestyle=":", label="Hessian-control radius")
+    ax.set_xscale("log")
+    where = "" if last["width"] is None else f", width {last['width']}"
+    ax.set(xlabel="‖w − w₀‖", ylabel="λ_min(K(w)) / λ₀", title=f"PL* region around w₀{where}")
+    ax.legend(fontsize="x-small")
+    if fit:
+        ax = axes[1]
+        widths = [r["width"] for r in results]
+        for key, style, label in (("upper", "o-", "nearest crossing (upper)"),
+                                  ("lower", "s-", "Hessian control (lower)"),
+                                  ("radius", "r^--", "R")):  # fmt: skip
+            values = [r[key] if math.isfinite(r[key]) else math.nan for r in results]
+            ax.plot(widths, values, style, label=label)
+        for key in ("upper", "lower"):
+            line = fit.get(key)
+            if line:
+                crossing = line["crossover_width"]
+                span = [min(widths), max(widths)]
+                if math.isfinite(crossing):  # the fit drawn on to where it reaches R
+                    span = [min(span[0], crossing), max(span[1], crossing)]
+                ax.plot(span, [math.exp(line["intercept"]) * w ** line["slope"] for w in span],
+                        ":", color="grey")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="width", ylabel="distance from w₀", title="bracket and R against width")
+        ax.legend(fontsize="x-small")
+    return write_bytes(path, png_bytes(figure))

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from plstar import theory
-from plstar.certify import assign_parameters, flat_parameters, lambda_min_descent
+from plstar.certify import assign_parameters, flat_parameters
 from plstar.curvature import loss_gradient, loss_sharpness, model_hessian_norm
 from plstar.experiments.base import Check, Run, check_range, check_true
 from plstar.experiments.common import DTYPE, gaussian_problem, loglog_slope, network
@@ -42,6 +42,7 @@ from plstar.experiments.pl_region_figures import figures as figures  # the modul
 from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
 from plstar.models import cnn
+from plstar.region import RegionSearch
 
 NUMBER = 11
 TITLE = "The PL* region outgrows the GD ball"
@@ -68,7 +69,6 @@ SLOPE_RANGE = (0.3, 0.7)
 CROSSING = ("mlp2",)
 """Families whose widths reach the crossover on a CPU (the others' m* is extrapolated, not checked:
 at depth 3 and for the CNN, r_μ at the widest width is still ~10× below R)."""
-GRID = 24  # points of a scan along a direction, geometric from 10⁻³ of its reach
 
 
 def configurations(quick: bool, seeds: int) -> list[dict[str, Any]]:
@@ -95,81 +95,6 @@ def build(family: str, d: int, width: int, seed: int) -> tuple[nn.Module, bool]:
     return network(variant, d, width, depth, 1, seed), False
 
 
-def _lambda_min(model: nn.Module, x: Tensor, w: Tensor) -> float:
-    assign_parameters(model, w)
-    return float(torch.linalg.eigvalsh(tangent_kernel(model, x))[0])
-
-
-def _bisect(model: nn.Module, x: Tensor, w: Tensor, u: Tensor, low: float, high: float,
-            mu: float) -> float:  # fmt: skip
-    """The crossing of λ_min(K(w + r·u)) = μ in [low, high] (above at low, below at high)."""
-    for _ in range(12):
-        middle = 0.5 * (low + high)
-        low, high = (low, middle) if _lambda_min(model, x, w + middle * u) < mu else (middle, high)
-    return high
-
-
-def scan(
-    model: nn.Module, x: Tensor, w0: Tensor, u: Tensor, mu: float, reach: float
-) -> tuple[float, list[float], list[float]]:
-    """(first r ≤ reach with λ_min(K(w₀ + r·u)) < μ, bisected; ∞ if none), the scanned r and
-    λ_min values; the model is left at w₀. Cost: ≤ GRID + 12 kernels."""
-    try:
-        return _scan(model, x, w0, u, mu, reach)
-    finally:
-        assign_parameters(model, w0)
-
-
-def _scan(
-    model: nn.Module, x: Tensor, w0: Tensor, u: Tensor, mu: float, reach: float
-) -> tuple[float, list[float], list[float]]:
-    radii = (reach * np.geomspace(1e-3, 1.0, GRID)).tolist()
-    values: list[float] = []
-    for i, r in enumerate(radii):
-        values.append(_lambda_min(model, x, w0 + r * u))
-        if values[-1] < mu:
-            crossing = _bisect(model, x, w0, u, radii[i - 1] if i else 0.0, r, mu)
-            return crossing, radii[: i + 1], values
-    return math.inf, radii, values
-
-
-def adversarial(
-    model: nn.Module, x: Tensor, w0: Tensor, mu: float, max_steps: int = 60
-) -> tuple[float, Tensor, list[float], list[float]]:
-    """Iterated λ_min descent from w₀: (distance from w₀ of the first point with λ_min < μ, ∞ if
-    none; the unit direction from w₀ to it; distances and λ_min values along the path). Steps start
-    at 10⁻⁴·‖w₀‖ (10⁻⁴ at w₀ = 0) and grow ×1.4; the last one is bisected. Cost per step: one descent direction
-    (a dense eigh and ≈ 4 passes) and one kernel. The model is left at w₀."""
-    try:
-        return _adversarial(model, x, w0, mu, max_steps)
-    finally:
-        assign_parameters(model, w0)
-
-
-def _adversarial(
-    model: nn.Module, x: Tensor, w0: Tensor, mu: float, max_steps: int
-) -> tuple[float, Tensor, list[float], list[float]]:
-    w, step = w0.clone(), 1e-4 * (float(w0.norm()) or 1.0)
-    distances, values = [0.0], [_lambda_min(model, x, w0)]
-    for _ in range(max_steps):
-        assign_parameters(model, w)
-        direction = lambda_min_descent(model, x)
-        if direction is None:
-            break
-        direction = direction.to(w.dtype)
-        value = _lambda_min(model, x, w + step * direction)
-        if value < mu:
-            w = w + _bisect(model, x, w, direction, 0.0, step, mu) * direction
-            distances.append(float((w - w0).norm()))
-            values.append(_lambda_min(model, x, w))
-            return distances[-1], (w - w0) / distances[-1], distances, values
-        w = w + step * direction
-        distances.append(float((w - w0).norm()))
-        values.append(value)
-        step *= 1.4
-    return math.inf, (w - w0) / max(float((w - w0).norm()), 1e-300), distances, values
-
-
 def gradient_descent(
     model: nn.Module, x: Tensor, y: Tensor, w0: Tensor, eta: float, steps: int
 ) -> tuple[list[float], float, Tensor]:
@@ -184,10 +109,11 @@ def gradient_descent(
     return losses, farthest, w
 
 
-def _curvature(model: nn.Module, x: Tensor, y: Tensor, w: Tensor) -> tuple[float, float, float]:
+def _curvature(search: RegionSearch, y: Tensor, w: Tensor) -> tuple[float, float, float]:
     """(‖H_F(w)‖ over all outputs, λ_max(H_L(w)), λ_min(K(w))); Lanczos to 10⁻³ relative
     residual (a slope or a bound needs no more), at most 20 and 30 products."""
-    lam = _lambda_min(model, x, w)
+    model, x = search.model, search.x
+    lam = search.lambda_min(w)
     hessian = model_hessian_norm(model, x, tol=1e-3, max_iter=20).value
     return float(hessian), float(loss_sharpness(model, x, y, tol=1e-3, max_iter=30).value), lam
 
@@ -205,33 +131,31 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     spectrum0 = torch.linalg.eigvalsh(tangent_kernel(model, x))
     lam0, lam_max0 = float(spectrum0[0]), float(spectrum0[-1])
     mu = lam0 / 2
-    eps0, beta0, _ = _curvature(model, x, y, w0)
+    search = RegionSearch(model, x, mu)
+    eps0, beta0, _ = _curvature(search, y, w0)
     loss0, gradient0 = loss_gradient(model, x, y)
     reach = float(w0.norm())
-    found: dict[str, dict[str, Any]] = {}
-    r_adv, toward_adv, path_r, path_v = adversarial(model, x, w0, mu)
-    found["adversarial"] = {"r": r_adv, "radii": path_r, "values": path_v}
-    toward_zero = -w0 / reach
-    r_zero, radii, values = scan(model, x, w0, toward_zero, mu, reach)
-    found["toward zero"] = {"r": r_zero, "radii": radii, "values": values}
     # the GD path extended: the direction to where GD from w₀ (η = 1/β(w₀)) goes
     _, _, w_gd = gradient_descent(model, x, y, w0, 1.0 / beta0, config["steps"])
-    toward_gd = (w_gd - w0) / (w_gd - w0).norm()
-    r_gd, radii, values = scan(model, x, w0, toward_gd, mu, 2 * reach)
-    found["GD path"] = {"r": r_gd, "radii": radii, "values": values}
     generator = torch.Generator().manual_seed(config["seed"] + 17)
     randoms = [torch.randn(w0.shape, generator=generator, dtype=DTYPE) for _ in range(2)]
     randoms = [u / u.norm() for u in randoms]
-    for i, u in enumerate(randoms):
-        r, radii, values = scan(model, x, w0, u, mu, 2 * reach)
-        found[f"random {i + 1}"] = {"r": r, "radii": radii, "values": values}
+    crossings = [
+        search.descent_path(),
+        search.along("toward zero", -w0 / reach, reach),
+        search.along("GD path", (w_gd - w0) / (w_gd - w0).norm(), 2 * reach),
+        *(search.along(f"random {i + 1}", u, 2 * reach) for i, u in enumerate(randoms)),
+    ]
+    found = {c.name: {"r": c.distance, "radii": c.radii, "values": c.values} for c in crossings}
+    toward_adv = crossings[0].direction
+    assert toward_adv is not None
     r_mu = min(f["r"] for f in found.values())
     # the fixed ball: sup ‖H_F‖, sup λ_max(H_L), λ_min(K) against the Hessian-control bounds
     gradient_direction = -gradient0.to(DTYPE) / gradient0.norm()
     points = []
     for u in (toward_adv, gradient_direction, randoms[0]):
         for r in (ball / 2, ball):
-            eps, beta, lam = _curvature(model, x, y, w0 + r * u)
+            eps, beta, lam = _curvature(search, y, w0 + r * u)
             points.append({"r": r, "hessian_norm": eps, "sharpness": beta, "lambda_min": lam})
     sup_eps = max([eps0, *(p["hessian_norm"] for p in points)])
     beta_ball = max([beta0, *(p["sharpness"] for p in points)])

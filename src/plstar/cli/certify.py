@@ -1,0 +1,292 @@
+"""``plstar certify``: does the GD theorem's hypothesis hold on its own ball, for this model?
+
+PL* with μ = λ₀/2 on B(w₀, R), R = 2√(2βL₀)/μ with β the largest λ_max(H_L) found on the ball
+(THEORY items 1, 2, 4). The PL* region around w₀ is bracketed (:mod:`plstar.region`): from below
+by Hessian control with the largest ‖H_F‖ found on the ball (:func:`plstar.certify`), from above
+by the nearest point found where λ_min(K) < μ. The verdict compares both with R. With
+``--widths`` the same runs per width — ``--model FILE.py:factory`` is then called as
+``factory(width)`` — and power-law fits of the bracket against width say where the theorem would
+start to apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import plstar
+from plstar import report, theory
+from plstar.cli.common import (
+    Interrupted,
+    ProgressBars,
+    check_problem_options,
+    console,
+    hessian_outputs,
+    load_problem,
+    output_selector,
+    torch_dtype,
+    versions,
+)
+from plstar.cli.options import add_command, add_problem_options, integer
+from plstar.conditions import json_safe
+from plstar.curvature import loss_gradient
+from plstar.errors import PlstarInputError
+from plstar.models import describe_model, load_model_factory, mlp
+from plstar.region import Region, pl_region
+
+SUMMARY = (
+    "Bracket the PL* region around w₀ and compare it with the GD theorem's ball (on the digits, "
+    "256 samples unless -n is given)."
+)
+DEFAULT_SAMPLES = 256
+
+
+def widths_list(text: str) -> list[int]:
+    """--widths: comma-separated integers ≥ 1, at least two, increasing."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected widths such as 64,128,256, got {text!r}"
+        ) from None
+    if len(widths) < 2 or min(widths) < 1 or widths != sorted(set(widths)):
+        raise argparse.ArgumentTypeError(
+            f"expected at least two increasing widths ≥ 1 such as 64,128,256, got {text!r}"
+        )
+    return widths
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``plstar certify`` and its options."""
+    parser = add_command(commands, "certify", SUMMARY, run)
+    add_problem_options(
+        parser, seed_use="the data subset, weights and directions", hessian_outputs=4,
+        hessian_help="Outputs examined for ‖H_F‖ at each point (0 = all).",
+    )  # fmt: skip
+    group = parser.add_argument_group("certificate")
+    group.add_argument("--directions", type=integer(0), default=2, metavar="COUNT",
+                       help="Random directions sampled (besides the gradient, the λ_min-descent "
+                       "path and the segment toward 0).")  # fmt: skip
+    group.add_argument("--widths", type=widths_list, metavar="W1,W2,...",
+                       help="Certify at each width (the MLP's --width, or factory(width) with "
+                       "--model) and fit the bracket against width.")  # fmt: skip
+    group.add_argument("--json", type=Path, dest="json_path", metavar="FILE",
+                       help="Also write every figure to this JSON file.")  # fmt: skip
+    group.add_argument("--figure", type=Path, metavar="FILE.png",
+                       help="Also draw λ_min(K(w)) along each direction (and the fit) here.")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check every option, then certify; Ctrl-C ends with what was written."""
+    check_problem_options(args)
+    for path, option in ((args.json_path, "--json"), (args.figure, "--figure")):
+        if path is not None:
+            report.check_output_file(path, option)
+    if args.samples is None and args.data is None:
+        args.samples = DEFAULT_SAMPLES
+    started = time.perf_counter()
+    dataset = load_problem(args)
+    console.print(f"[bold]data[/]  {dataset.description}")
+    widths = args.widths or [None]
+    results: list[dict[str, Any]] = []
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn(),
+            console=console, transient=True,
+        ) as bars:  # fmt: skip
+            for width in widths:
+                net = _model(args, dataset, width)
+                label = "" if width is None else f"width {width}: "
+                console.print(f"[bold]model[/] {label}{describe_model(net)}")
+                results.append(_certify_one(args, dataset, net, width, ProgressBars(bars)))
+                console.print(_table(results[-1]))
+                for line in results[-1]["verdict"]:
+                    console.print(f"• {line}")
+    except KeyboardInterrupt:
+        done = f"{len(results)} of {len(widths)} widths were measured; " if args.widths else ""
+        raise Interrupted(f"{done}nothing was written") from None
+    fit = _fit(results) if args.widths else None
+    if fit is not None:
+        for line in fit["verdict"]:
+            console.print(f"• {line}")
+    elapsed = time.perf_counter() - started
+    console.print(f"[dim]done in {elapsed:.1f} s[/]")
+    if args.json_path is not None:
+        payload = {"results": results, "fit": fit, "config": _config(args, dataset),
+                   "versions": versions(), "seconds": elapsed}  # fmt: skip
+        report.write_json(args.json_path, json_safe(payload))
+        console.print(f"wrote {args.json_path}")
+    if args.figure is not None:
+        from plstar.plots import plot_region
+
+        plot_region(results, fit, args.figure)
+        console.print(f"wrote {args.figure}")
+
+
+def _model(args: argparse.Namespace, dataset: Any, width: int | None) -> torch.nn.Module:
+    dtype = torch_dtype(args)
+    if args.model is not None:
+        arguments = () if width is None else (width,)
+        return load_model_factory(args.model, seed=args.seed, arguments=arguments).to(dtype)
+    return mlp(
+        dataset.d, width or args.width, args.depth, dataset.k, activation=args.activation,
+        parameterization=args.parameterization, generator_seed=args.seed, dtype=dtype,
+    )  # fmt: skip
+
+
+def _certify_one(
+    args: argparse.Namespace, dataset: Any, net: torch.nn.Module, width: int | None,
+    progress: ProgressBars,
+) -> dict[str, Any]:  # fmt: skip
+    """One model: λ₀, the sampled ball (ε, β), the bracket, R and the verdict."""
+    x, y, output = dataset.x, dataset.y, output_selector(args)
+    common = {"memory_budget": args.memory_budget, "output": output}
+    lambda0 = float(torch.linalg.eigvalsh(plstar.tangent_kernel(net, x, **common))[0])
+    if not lambda0 > 0:
+        raise PlstarInputError(
+            f"λ_min(K(w₀)) = {lambda0:.3g} ≤ 0: PL* fails at w₀ itself (fewer parameters than "
+            "n·k, or duplicated samples); there is no region to certify"
+        )
+    mu = lambda0 / 2
+    cert = plstar.certify(
+        net, x, y, mu=mu, samples=args.directions, shells=(0.5, 1.0),
+        hessian_outputs=hessian_outputs(args), seed=args.seed, progress=progress, **common,
+    )  # fmt: skip
+    beta = max(cert.sharpness_max, cert.beta)
+    # R with β(w₀) is the smallest ball the theorem could use (it refutes); with the largest β
+    # found on that ball, the one it needs (it confirms)
+    radius = theory.gd_radius(cert.beta, mu, cert.loss0)
+    radius_ball = theory.gd_radius(beta, mu, cert.loss0)
+    _, gradient = loss_gradient(net, x, y, **common)
+    toward = [("gradient", -gradient / gradient.norm())] if float(gradient.norm()) > 0 else []
+    region = pl_region(
+        net, x, hessian_norm=cert.hessian_norm, mu=mu, directions=toward,
+        random_directions=args.directions, seed=args.seed, progress=progress, **common,
+    )  # fmt: skip
+    return {
+        "width": width, "m": cert.m, "n": cert.n, "k": cert.k, "loss0": cert.loss0,
+        "lambda0": lambda0, "mu": mu, "beta_w0": cert.beta, "beta_ball": beta, "radius": radius,
+        "radius_ball": radius_ball, "hessian_norm": cert.hessian_norm, "lower": region.lower,
+        "upper": region.upper, "region": region.to_dict(),
+        "verdict": verdict(region, radius, radius_ball),
+        "sampled_points": cert.sampled_points,
+    }  # fmt: skip
+
+
+def verdict(region: Region, radius: float, radius_ball: float) -> list[str]:
+    """The bracket against R, in words: ``radius`` uses β(w₀) (the smallest ball the theorem
+    could use), ``radius_ball`` the largest λ_max(H_L) found on it (the ball it needs)."""
+    lower, upper = region.lower, region.upper
+    worst = min(region.crossings, key=lambda c: c.distance)
+    lines = []
+    if radius_ball > radius * (1 + 1e-9):
+        lines.append(
+            "β is not constant on the ball: λ_max(H_L) found there exceeds β(w₀), so the "
+            f"theorem's R grows from {radius:.4g} (β at w₀) to {radius_ball:.4g}."
+        )
+    if upper < radius:
+        return [
+            f"The theorem does not apply at this width: λ_min(K) < μ = λ₀/2 at distance "
+            f"{upper:.4g} from w₀ ({worst.name}), inside even the smallest ball the theorem could "
+            f"use, R = {radius:.4g} (β at w₀): {radius / upper:.3g}× larger than the PL* region "
+            "found.",
+            f"Hessian control with the largest ‖H_F‖ found (ε = {region.hessian_norm:.3g}) keeps "
+            f"λ_min(K) ≥ μ only up to {lower:.4g}.",
+            *lines,
+        ]
+    found = "no point with λ_min(K) < μ was found" if math.isinf(upper) else (
+        f"the nearest point with λ_min(K) < μ is at {upper:.4g} ({worst.name})"
+    )  # fmt: skip
+    if lower >= radius_ball:
+        return [
+            f"The theorem applies at this width, if ‖H_F‖ ≤ ε = {region.hessian_norm:.3g} on the "
+            f"ball (ε is the largest value sampled): Hessian control keeps λ_min(K) ≥ μ up to "
+            f"{lower:.4g}, {lower / radius_ball:.3g}× R = {radius_ball:.4g}; {found}.",
+            *lines,
+        ]
+    return [
+        f"Undecided at this width: {found}, so nothing inside R = {radius:.4g} refutes PL* with "
+        f"μ = λ₀/2 — evidence, not proof; Hessian control (ε = {region.hessian_norm:.3g}, the "
+        f"largest ‖H_F‖ found) covers only {lower:.4g}, {radius_ball / max(lower, 1e-300):.3g}× "
+        f"short of R = {radius_ball:.4g}.",
+        *lines,
+    ]
+
+
+def _fit(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Power laws r = a·width^s of both ends of the bracket and the width where each reaches the
+    median R, with the range from ±1 standard error of the fit's coefficients."""
+    widths = np.array([r["width"] for r in results], dtype=float)
+    radius = float(np.median([r["radius"] for r in results]))
+    fit: dict[str, Any] = {"median_radius": radius, "verdict": []}
+    for end, meaning in (("upper", "no point refuting PL* inside R"),
+                         ("lower", "Hessian control covering R")):  # fmt: skip
+        values = np.array([r[end] for r in results], dtype=float)
+        keep = np.isfinite(values) & (values > 0)
+        if keep.sum() < 3:
+            fit[end] = None
+            fit["verdict"].append(f"{end} bound: finite at fewer than 3 widths, no fit.")
+            continue
+        (slope, intercept), cov = np.polyfit(np.log(widths[keep]), np.log(values[keep]), 1,
+                                             cov=True)  # fmt: skip
+        errors = np.sqrt(np.clip(np.diag(cov), 0, None))
+        corners = [
+            math.exp((math.log(radius) - (intercept + di)) / (slope + ds))
+            for ds in (-errors[0], errors[0]) for di in (-errors[1], errors[1])
+            if slope + ds > 0
+        ]  # fmt: skip
+        width = math.exp((math.log(radius) - intercept) / slope) if slope > 0 else math.inf
+        fit[end] = {"slope": float(slope), "slope_error": float(errors[0]),
+                    "intercept": float(intercept), "crossover_width": width,
+                    "crossover_range": [min(corners), max(corners)] if corners else None}  # fmt: skip
+        if slope <= 0:
+            text = f"the {end} bound does not grow with width (slope {slope:.2f}): no crossover"
+        else:
+            span = (f" (range {min(corners):.3g}–{max(corners):.3g} from ±1 s.e.)"
+                    if len(corners) == 4 else " (the fit's slope is within 1 s.e. of 0)")  # fmt: skip
+            text = (f"{meaning}: the {end} bound grows like width^{slope:.2f} ± {errors[0]:.2f} "
+                    f"and reaches the median R (β at w₀) = {radius:.3g} at width ≈ {width:.3g}{span}")  # fmt: skip
+        fit["verdict"].append(text)
+    return fit
+
+
+def _table(result: dict[str, Any]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("λ₀ = λ_min(K(w₀)); μ = λ₀/2", f"{result['lambda0']:.4g}; {result['mu']:.4g}"),
+        ("L₀", f"{result['loss0']:.4g}"),
+        ("β at w₀; largest on the ball", f"{result['beta_w0']:.4g}; {result['beta_ball']:.4g}"),
+        (
+            "GD radius R = 2√(2βL₀)/μ, β at w₀; on the ball",
+            f"{result['radius']:.4g}; {result['radius_ball']:.4g}",
+        ),
+        ("largest ‖H_F‖ found (ε)", f"{result['hessian_norm']:.4g}"),
+        ("PL* region ≥ (Hessian control)", f"{result['lower']:.4g}"),
+        ("PL* region ≤ (nearest crossing)", f"{result['upper']:.4g}"),
+    ]
+    for crossing in result["region"]["crossings"]:
+        rows.append((f"   crossing along {crossing['name']}", str(crossing["distance"])))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _config(args: argparse.Namespace, dataset: Any) -> dict[str, Any]:
+    return {
+        "data": dataset.description, "model_source": args.model or "mlp", "width": args.width,
+        "widths": args.widths, "depth": args.depth, "activation": args.activation,
+        "seed": args.seed, "dtype": args.dtype, "directions": args.directions,
+        "hessian_outputs": args.hessian_outputs,
+        "output": "default" if args.output is None else args.output.text,
+    }  # fmt: skip
