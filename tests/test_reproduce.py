@@ -58,7 +58,8 @@ def summarize(runs):
     good = all(r.data["value"] == 2 * r.config["index"] + r.config["seed"] for r in runs)
     wanted = float(os.environ.get("FAKE_WANT", "0"))
     return {"values": values}, [
-        check_true("values are doubled indices", good, str(values), "2·index + seed"),
+        check_true("values are doubled indices", good, str(values), "2·index + seed",
+                   control=True),
         check_range("largest value", max(values), wanted, float("inf")),
     ]
 
@@ -147,6 +148,11 @@ def test_report_files_embed_and_write_nonblank_pngs(tmp_path: Path, fake: Path) 
     assert results["meta"]["seeds"] == 1 and "torch" in results["meta"]["versions"]
     markdown = (out / "report.md").read_text()
     assert "figures/99-fake_claim-values.png" in markdown and "largest value" in markdown
+    # a control is labelled as one and not counted as evidence for the claim
+    assert [c["control"] for c in experiment["checks"]] == [True, False]
+    assert "| values are doubled indices | control |" in markdown
+    assert "| largest value | evidence |" in markdown
+    assert "all 2 checks of 1 experiments (1 evidence for the claims, 1 controls)" in markdown
 
 
 def test_resume_skips_finished_runs_and_a_plain_rerun_recomputes(

@@ -82,10 +82,14 @@ class _Bars:
 
 
 def _announce(result: ExperimentResult) -> None:
-    passed = sum(c.passed for c in result.checks)
+    evidence = result.evidence
+    controls = [c for c in result.checks if c.control]
+    passed = sum(c.passed for c in evidence)
     mark = "[green]✓[/]" if result.passed else "[bold red]✗[/]"
+    also = (f" + {sum(c.passed for c in controls)}/{len(controls)} controls" if controls
+            else "")  # fmt: skip
     console.print(
-        f"{mark} {result.number}. {result.title}: {passed}/{len(result.checks)} checks passed "
+        f"{mark} {result.number}. {result.title}: {passed}/{len(evidence)} checks passed{also} "
         f"({result.seconds:.1f} s of compute)"
     )
     for check in result.checks:
@@ -169,4 +173,9 @@ def _finish(out: Path, outcome: runner.Reproduction, written: dict[str, Path]) -
                 f"measured {check.measured}, expected {check.expected}"
             )
         raise SystemExit(1)
-    console.print(f"[green]all {sum(len(r.checks) for r in outcome.results)} checks passed[/]")
+    total = sum(len(r.checks) for r in outcome.results)
+    evidence = sum(len(r.evidence) for r in outcome.results)
+    console.print(
+        f"[green]all {total} checks passed ({evidence} evidence for the claims, "
+        f"{total - evidence} controls)[/]"
+    )

@@ -27,30 +27,40 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Check:
-    """One named, measured claim: ``passed`` is the comparison of ``measured`` with ``expected``."""
+    """One named, measured claim: ``passed`` is the comparison of ``measured`` with ``expected``.
+
+    ``control``: the check holds by construction (a rank count, a chain-rule identity, a bound
+    proved to hold): it guards the measurement and must pass, but it is no evidence for the
+    paper's claim, and reports count it apart.
+    """
 
     name: str
     passed: bool
     measured: str
     expected: str
+    control: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def check_range(name: str, value: float, low: float, high: float, digits: int = 3) -> Check:
+def check_range(
+    name: str, value: float, low: float, high: float, digits: int = 3, control: bool = False
+) -> Check:
     """``low ≤ value ≤ high`` (either end may be ±inf); a NaN value fails."""
     ends = [f"{v:.{digits}g}" if math.isfinite(v) else "" for v in (low, high)]
     expected = f"in [{ends[0]}, {ends[1]}]" if all(ends) else (
         f"≥ {ends[0]}" if ends[0] else f"≤ {ends[1]}"
     )  # fmt: skip
     passed = math.isfinite(value) and low <= value <= high
-    return Check(name, passed, f"{value:.{digits}g}", expected)
+    return Check(name, passed, f"{value:.{digits}g}", expected, control)
 
 
-def check_true(name: str, passed: bool, measured: str, expected: str) -> Check:
+def check_true(
+    name: str, passed: bool, measured: str, expected: str, control: bool = False
+) -> Check:
     """A check whose comparison the caller has made (e.g. "at every step")."""
-    return Check(name, bool(passed), measured, expected)
+    return Check(name, bool(passed), measured, expected, control)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,11 @@ class ExperimentResult:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
+
+    @property
+    def evidence(self) -> list[Check]:
+        """The checks that are evidence for the claim (controls left out)."""
+        return [c for c in self.checks if not c.control]
 
     def to_dict(self) -> dict[str, Any]:
         return {

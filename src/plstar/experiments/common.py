@@ -158,12 +158,15 @@ def first_below(losses: Sequence[float], level: float) -> int | None:
     return next((t for t, loss in enumerate(losses) if loss < level), None)
 
 
-def all_hold(name: str, total: int, failures: list[str], detail: str, expected: str) -> Check:
+def all_hold(
+    name: str, total: int, failures: list[str], detail: str, expected: str,
+    control: bool = False,
+) -> Check:  # fmt: skip
     """A check that a property holds for all ``total`` cases: measured "passed/total; detail",
-    naming the ``failures``; fails when there is no case at all."""
+    naming the ``failures``; fails when there is no case at all (``control``: see Check)."""
     measured = f"{total - len(failures)}/{total}" + (f"; {detail}" if detail else "")
     measured += f"; not: {', '.join(failures)}" if failures else ""
-    return check_true(name, total > 0 and not failures, measured, expected)
+    return check_true(name, total > 0 and not failures, measured, expected, control)
 
 
 def by_key(runs: Sequence[Run], key: str) -> dict[Any, list[Run]]:

@@ -169,7 +169,8 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
                else math.log(row["late_rate"]) / math.log(row["path_rate"]) for row in rows)  # fmt: skip
     checks = [
         check_range(f"chain rule K_f = ΛK_f̃Λ at all {len(points)} measured points "
-                    "(max relative entry error)", worst_chain, 0.0, CHAIN_RULE_TOLERANCE),
+                    "(max relative entry error)", worst_chain, 0.0, CHAIN_RULE_TOLERANCE,
+                    control=True),
         check_true(
             f"λ_min(K_f) ≥ ρ²·λ_min(K_f̃) at all {len(points)} measured points (all widths)",
             min(slack) >= 1.0,

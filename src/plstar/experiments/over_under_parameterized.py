@@ -129,15 +129,16 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     lowest_under = min((p["final_loss"] / p["loss0"] for p in under), default=math.nan)
     checks = [
         all_hold("λ_min(K(w₀)) is zero within precision whenever m < n·k", len(under), bad_under,
-                 f"max λ_min/floor = {ratio_hi:.3g}", "all (rank K ≤ m < n·k)"),
+                 f"max λ_min/floor = {ratio_hi:.3g}", "all (rank K ≤ m < n·k)", control=True),
         all_hold("λ_min(K(w₀)) is above its precision floor whenever m > n·k", len(over), bad_over,
                  f"min λ_min/floor = {ratio_lo:.3g}", "all (generic full rank)"),
         all_hold("rank K(w₀) = min(m, n·k) at every point", len(points), bad_rank, "",
-                 "all (eigenvalues above the precision floor)"),
+                 "all (eigenvalues above the precision floor)", control=True),
         all_hold(f"GD (η = 1/β) reaches L < {TARGET:g}·L₀ whenever m ≥ 2·n·k", len(well_over),
                  slow, f"slowest at step {slowest}", f"all, within {points[0]['steps']} steps"),
         all_hold(f"GD never reaches L < {TARGET:g}·L₀ when m < n·k", len(under), fitted,
-                 f"lowest final L/L₀ = {lowest_under:.3g}", "all (L* > 0 for noise targets)"),
+                 f"lowest final L/L₀ = {lowest_under:.3g}", "all (L* > 0 for noise targets)",
+                 control=True),
     ]  # fmt: skip
     return {"points": points, "target": TARGET}, checks
 

@@ -165,9 +165,9 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     ends = ", ".join(f"{c['lambda_plus_start']:.3g} → {c['lambda_plus_end']:.3g}" for c in cases)
     checks = [
         all_hold("λ_min(K(w₀)) is zero within precision (m < n·k): no PL*, no rate from item 2",
-                 len(cases), regular, f"λ_min = {kernels}", "all"),
+                 len(cases), regular, f"λ_min = {kernels}", "all", control=True),
         all_hold("λ⁺ = λ_min(DFᵀDF) > 0 at w₀ and w_T (DF has full column rank m)", len(cases),
-                 deficient, f"λ⁺: {ends}", "all above the precision floor"),
+                 deficient, f"λ⁺: {ends}", "all above the precision floor", control=True),
         all_hold("ρ(w_t) ≥ μ_ε = λ⁺(1 − L_T/ε) at every step with L_t ≥ ε, every level",
                  len(levels), low, f"min ρ/μ_ε = {margin:.3g}", "all"),
         all_hold("first passage T_ε ≤ ⌊(β/μ_ε) log(L₀/ε)⌋ + 1 at every level", len(levels), late,

@@ -81,8 +81,15 @@ def _status(outcome: Reproduction) -> str:
     failed = len(outcome.failed_checks)
     if outcome.passed:
         total = sum(len(r.checks) for r in outcome.results)
-        return f"PASSED: all {total} checks of {len(outcome.results)} experiments"
+        evidence = sum(len(r.evidence) for r in outcome.results)
+        return (f"PASSED: all {total} checks of {len(outcome.results)} experiments "
+                f"({evidence} evidence for the claims, {total - evidence} controls)")  # fmt: skip
     return f"FAILED: {failed} check(s) failed, {len(outcome.failures)} error(s)"
+
+
+def _kind(check: Check) -> str:
+    """ "evidence" for the claim, or "control" (holds by construction; not counted as evidence)."""
+    return "control" if check.control else "evidence"
 
 
 def _meta_rows(meta: dict[str, Any], outcome: Reproduction) -> list[tuple[str, str]]:
@@ -111,10 +118,10 @@ def _markdown(outcome: Reproduction, meta: dict[str, Any], pictures: dict[int, d
     for result in outcome.results:
         verdict = "passed" if result.passed else "FAILED"
         lines += ["", f"## {result.number}. {result.title} ({verdict})", "", result.claim, ""]
-        lines += ["| check | measured | expected | |", "|---|---|---|---|"]
+        lines += ["| check | kind | measured | expected | |", "|---|---|---|---|---|"]
         for c in result.checks:
             mark = "pass" if c.passed else "**FAIL**"
-            lines.append(f"| {c.name} | {c.measured} | {c.expected} | {mark} |")
+            lines.append(f"| {c.name} | {_kind(c)} | {c.measured} | {c.expected} | {mark} |")
         lines.append("")
         lines += [f"![{name}]({figure_file(result, name)})" for name in pictures[result.number]]
         lines += ["", f"{len(result.runs)} configurations, {result.seconds:.1f} s of compute:", ""]
@@ -153,12 +160,14 @@ def _html(outcome: Reproduction, meta: dict[str, Any], pictures: dict[int, dict]
         parts += [
             f'<h2>{result.number}. {e(result.title)} <span class="{verdict[0]}">({verdict[1]})</span></h2>',
             f"<p>{e(result.claim)}</p>",
-            "<table><tr><th>check</th><th>measured</th><th>expected</th><th></th></tr>",
+            "<table><tr><th>check</th><th>kind</th><th>measured</th><th>expected</th><th></th>"
+            "</tr>",
         ]  # fmt: skip
         for c in result.checks:
             mark = '<td class="pass">pass</td>' if c.passed else '<td class="fail">FAIL</td>'
             parts.append(
-                f"<tr><td>{e(c.name)}</td><td>{e(c.measured)}</td><td>{e(c.expected)}</td>{mark}</tr>"
+                f"<tr><td>{e(c.name)}</td><td>{_kind(c)}</td><td>{e(c.measured)}</td>"
+                f"<td>{e(c.expected)}</td>{mark}</tr>"
             )
         parts.append("</table>")
         for name, content in pictures[result.number].items():
