@@ -42,9 +42,11 @@ def test_level_bounds_are_the_theorys(result: ExperimentResult) -> None:
         losses, beta = case["losses"], 1.0 / case["final_step_size"]
         lambda_plus = min(case["lambda_plus_start"], case["lambda_plus_end"])
         assert case["levels"], "no level ε below L₀"
+        predicted = case["loss_star_linear"]  # fixed before the run, from w₀ alone
         for row in case["levels"]:
-            assert row["eps"] == row["c"] * losses[-1] < losses[0]
-            assert row["mu_eps"] == pytest.approx(lambda_plus * (1 - losses[-1] / row["eps"]))
+            assert row["eps"] == row["c"] * predicted < losses[0]
+            assert row["mu_eps"] == pytest.approx(lambda_plus * (1 - predicted / row["eps"]))
+            assert row["tightness"] == pytest.approx(row["path_mu"] / row["mu_eps"])
             assert row["bound"] == theory.pl_eps_first_passage_bound(
                 beta, row["mu_eps"], losses[0], row["eps"]
             )
@@ -54,3 +56,20 @@ def test_level_bounds_are_the_theorys(result: ExperimentResult) -> None:
 def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = experiment.figures(result)
     assert set(figures) == {"pl_eps"}
+
+
+def test_the_linearized_minimum_is_the_least_squares_residual_outside_the_range_of_df() -> None:
+    """A linear model F(w) = Xw is its own linearization: L*_lin is the least-squares minimum."""
+    import torch
+    from torch import nn
+
+    from plstar.experiments.pl_eps import linearized_minimum
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(9, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1, bias=False).double()
+    design = x
+    solution = torch.linalg.lstsq(design, y).solution
+    expected = 0.5 * float(((design @ solution - y) ** 2).sum())
+    assert linearized_minimum(model, x, y) == pytest.approx(expected, rel=1e-10)

@@ -12,8 +12,10 @@ then bounds GD's first passage below ε by ⌊(β/μ_ε) log(L₀/ε)⌋ + 1
 Measurement: GD by :func:`plstar.train` (η = 1/β, β re-measured every 500 steps) watched by a
 :class:`plstar.Monitor` for ρ(w_t); λ_min(K(w₀)) by :func:`plstar.spectrum` (zero within precision);
 λ⁺ as λ_min(DFᵀDF) at w₀ and at the last point w_T (their minimum is used: the network's kernel
-moves, so the linear-model constant is a prediction here, not a theorem), and L* ≤ L_T, so
-μ_ε = λ⁺(1 − L_T/ε) is the conservative choice. Levels ε = c·L_T for c ∈ LEVELS (those below L₀).
+moves, so the linear-model constant is a prediction here, not a theorem). L* is predicted before
+the run by the model linearized at w₀, L*_lin = ½‖r₀ outside the range of DF(w₀)‖², and the
+levels ε = c·L*_lin for c ∈ LEVELS (those below L₀) and μ_ε = λ⁺(1 − L*_lin/ε) are fixed from it
+before GD starts (not chosen after the run from L_T). The tightness ρ/μ_ε is reported per level.
 Per level: does ρ stay above μ_ε while L ≥ ε; is the first passage T_ε within the bound with
 κ_ε = β/μ_ε, and within the tighter bound with the path's own PL*_ε constant min{ρ_t : L_t ≥ ε}.
 """
@@ -21,6 +23,7 @@ Per level: does ρ stay above μ_ε while L ≥ ε; is the first passage T_ε wi
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -61,12 +64,27 @@ FULL = {"n": 32, "d": 12, "k": 4, "widths": [6, 7], "steps": 20000}
 """m = (d + k)·width against n·k: 48/64 (quick), 96/128 and 112/128 (full)."""
 
 
+def _jacobian(model: nn.Module, x: Tensor) -> Tensor:
+    fmodel = make_functional(model, x)
+    return torch.cat(list(jacobian_rows(fmodel, x, torch.float64).values()), dim=1)
+
+
 def gauss_newton_spectrum(model: nn.Module, x: Tensor) -> Spectrum:
     """Extremes of DFᵀDF (m × m, float64): for m ≤ n·k its λ_min is the smallest non-zero
     eigenvalue λ⁺ of K = DF DFᵀ when DF has full column rank. Cost: n·k Jacobian rows, m³."""
-    fmodel = make_functional(model, x)
-    jacobian = torch.cat(list(jacobian_rows(fmodel, x, torch.float64).values()), dim=1)
+    jacobian = _jacobian(model, x)
     return spectrum(jacobian.T @ jacobian)
+
+
+def linearized_minimum(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """L* of the model linearized at its current w: ½‖r − DF·δ‖² at the least-squares δ, i.e.
+    half the squared residual outside the range of DF (r = F(w) − y). Known before training, so
+    the levels ε and μ_ε = λ⁺(1 − L*_lin/ε) are fixed before the run."""
+    jacobian = _jacobian(model, x)
+    with torch.no_grad():
+        residual = (model(x) - y).double().reshape(-1)
+    step = torch.linalg.lstsq(jacobian, residual.unsqueeze(1)).solution
+    return 0.5 * float(((residual.unsqueeze(1) - jacobian @ step) ** 2).sum())
 
 
 def configurations(quick: bool, seeds: int) -> list[dict[str, Any]]:
@@ -88,6 +106,7 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     model = tanh_net(d, config["width"], k, model_seed)
     kernel = spectrum(tangent_kernel(model, x))
     start = gauss_newton_spectrum(model, x)
+    predicted = linearized_minimum(model, x, y)
     monitor = Monitor(model, x, y, mu=theory.pl_constant(0.0 if kernel.is_singular else
                                                          kernel.lambda_min or 0.0),
                       every=config["steps"] + 1, kernel_samples=1, sharpness=False)  # fmt: skip
@@ -100,6 +119,7 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
         "kernel_zero_within_precision": kernel.is_singular,
         "lambda_plus_start": start.lambda_min, "lambda_plus_end": end.lambda_min,
         "lambda_plus_floor": max(start.precision_floor, end.precision_floor),
+        "loss_star_linear": predicted,
         "beta": result.beta, "final_step_size": result.final_step_size,
         "events": result.events,
         "losses": result.losses, "pl_ratios": [r.pl_ratio for r in monitor.history],
@@ -107,12 +127,13 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
 
 
 def level_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per level ε = c·L_T (below L₀): μ_ε, the path's min ρ while L ≥ ε, T_ε and both bounds.
+    """Per level ε = c·L*_lin (fixed before the run, below L₀): μ_ε = λ⁺(1 − L*_lin/ε), the
+    path's min ρ while L ≥ ε and its ratio to μ_ε (the bound's tightness), T_ε and both bounds.
 
     β of the bounds is 1/η for the smallest step GD used, the smoothness its steps assumed.
     """
     losses, ratios = data["losses"], data["pl_ratios"]
-    loss0, last = losses[0], losses[-1]
+    loss0, last = losses[0], data["loss_star_linear"]
     lambda_plus = min(data["lambda_plus_start"], data["lambda_plus_end"])
     beta = 1.0 / data["final_step_size"]
     rows = []
@@ -125,6 +146,7 @@ def level_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         path_mu = min(above)
         rows.append({
             "c": c, "eps": eps, "mu_eps": mu_eps, "path_mu": path_mu,
+            "tightness": path_mu / mu_eps if mu_eps > 0 else None,
             "first_passage": first_below(losses, eps),
             "bound": finite(theory.pl_eps_first_passage_bound(beta, mu_eps, loss0, eps)),
             "path_bound": finite(theory.pl_eps_first_passage_bound(beta, path_mu, loss0, eps)),
@@ -151,6 +173,12 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     late_path = [where(c, r) for c, r in levels if beyond(r, "path_bound")]
     margin = min((r["path_mu"] / r["mu_eps"] for _, r in levels if r["mu_eps"] > 0),
                  default=math.nan)  # fmt: skip
+    median_tightness = float(
+        statistics.median(
+            [r["tightness"] for _, r in levels if r["tightness"] is not None] or [math.nan]
+        )
+    )
+    finals = ", ".join(f"{c['losses'][-1] / c['loss_star_linear']:.3g}" for c in cases)
     tight = max((r["first_passage"] / r["path_bound"] for _, r in levels
                  if r["first_passage"] is not None and r["path_bound"]), default=math.nan)  # fmt: skip
 
@@ -168,8 +196,10 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
                  len(cases), regular, f"λ_min = {kernels}", "all", control=True),
         all_hold("λ⁺ = λ_min(DFᵀDF) > 0 at w₀ and w_T (DF has full column rank m)", len(cases),
                  deficient, f"λ⁺: {ends}", "all above the precision floor", control=True),
-        all_hold("ρ(w_t) ≥ μ_ε = λ⁺(1 − L_T/ε) at every step with L_t ≥ ε, every level",
-                 len(levels), low, f"min ρ/μ_ε = {margin:.3g}", "all"),
+        all_hold("ρ(w_t) ≥ μ_ε = λ⁺(1 − L*_lin/ε) at every step with L_t ≥ ε, every level "
+                 "(ε and μ_ε fixed before the run)", len(levels), low,
+                 f"tightness min ρ/μ_ε = {margin:.3g}, median {median_tightness:.3g}; "
+                 f"L_T/L*_lin = {finals}", "all"),
         all_hold("first passage T_ε ≤ ⌊(β/μ_ε) log(L₀/ε)⌋ + 1 at every level", len(levels), late,
                  "", "all"),
         all_hold("first passage T_ε ≤ the same bound with the path's PL*_ε constant "
@@ -194,7 +224,8 @@ def figures(result: ExperimentResult) -> dict[str, Figure]:
         path_ax.semilogy(losses, color=color, label=label)
         path_ax.semilogy(ratios, color=color, linestyle="--")
         ratio_ax.loglog(losses, ratios, color=color)
-        lambda_plus, last = min(case["lambda_plus_start"], case["lambda_plus_end"]), losses[-1]
+        lambda_plus = min(case["lambda_plus_start"], case["lambda_plus_end"])
+        last = case["loss_star_linear"]
         grid = [last * 1.02**j for j in range(1, 2000) if last * 1.02**j <= losses[0]]
         ratio_ax.loglog(grid, [theory.pl_eps_constant(lambda_plus, last, v) for v in grid], color=color,
                         linestyle=":")  # fmt: skip
