@@ -69,3 +69,24 @@ def test_refusals_exit_2_with_one_line(tmp_path: Path, capsys, arguments, messag
     arguments = [a.replace("{factory}", str(factory)) for a in arguments]
     assert run(["certify", "-n", "4", *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_widths_already_measured(tmp_path: Path, monkeypatch, capsys) -> None:
+    from plstar.cli import certify
+
+    real, calls = certify._certify_one, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(certify, "_certify_one", interrupted_second)
+    out = tmp_path / "partial.json"
+    code = run(["certify", "-n", "6", "--depth", "2", "--widths", "8,16", "--directions", "0",
+                "--json", str(out)])  # fmt: skip
+    assert code == 130
+    assert "1 of 2 widths were measured; they were written" in capsys.readouterr().err
+    results = json.loads(out.read_text())["results"]
+    assert [r["width"] for r in results] == [8]

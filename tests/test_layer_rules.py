@@ -198,7 +198,9 @@ class AttentionPool(nn.Module):
             options["key_padding_mask"] = torch.arange(x.shape[1]).expand(x.shape[0], -1) == (
                 x.shape[1] - 1
             )
-        if options.pop("cross", False):  # keys and values from another tensor
+        if options.pop("self_only", False):  # a subclass taking the sequence once
+            attended, weights = self.attn(seq, **options)
+        elif options.pop("cross", False):  # keys and values from another tensor
             attended, weights = self.attn(seq, torch.tanh(seq), torch.tanh(seq), **options)
         else:
             attended, weights = self.attn(seq, seq, seq, **options)
@@ -250,6 +252,13 @@ def test_transformer_encoder_layers_are_structured_throughout() -> None:
     assert_structured_matches_oracle(model, x)
 
 
+class SelfOnlyAttention(nn.MultiheadAttention):
+    """A subclass called with one argument: its calls do not fit nn.MultiheadAttention's."""
+
+    def forward(self, x: Tensor, **options: object) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
+        return super().forward(x, x, x, **options)
+
+
 class ScaledAttention(nn.MultiheadAttention):
     """A subclass whose forward computes something else than its base's."""
 
@@ -268,8 +277,10 @@ class ScaledAttention(nn.MultiheadAttention):
         (lambda: nn.MultiheadAttention(8, 2, batch_first=True, kdim=8, vdim=6), {"cross": True},
          "separate q/k/v"),
         (lambda: ScaledAttention(8, 2, batch_first=True), {}, "differs from its own"),
+        (lambda: SelfOnlyAttention(8, 2, batch_first=True), {"self_only": True},
+         "could not recompute the call"),
     ],
-    ids=["cross-attention", "bias-kv", "kdim-vdim", "subclass"],
+    ids=["cross-attention", "bias-kv", "kdim-vdim", "subclass", "other-signature"],
 )  # fmt: skip
 def test_multihead_attention_the_rule_cannot_serve_takes_rows(attention, options, why) -> None:
     torch.manual_seed(0)

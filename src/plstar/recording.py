@@ -88,7 +88,10 @@ def record_calls(
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         name, a, replaced = names[id(module)], _first_tensor(args, kwargs), None
         if id(module) in decomposing:  # record its inner map: (a, z), and hand on its output
-            made = rule_for(module).decompose(module, args, kwargs, output)  # type: ignore[union-attr]
+            try:
+                made = rule_for(module).decompose(module, args, kwargs, output)  # type: ignore[union-attr]
+            except Exception as error:  # a call the rule cannot recompute: rows for this module
+                made = f"its rule could not recompute the call ({type(error).__name__}: {error})"
             if isinstance(made, str):
                 empty = torch.empty(0)
                 calls.append(LayerCall(name, module, empty, empty, problem=made))

@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> None:
                     console.print(f"• {line}")
     except KeyboardInterrupt:
         done = f"{len(results)} of {len(widths)} widths were measured; " if args.widths else ""
+        if results and args.json_path is not None:  # the widths finished are kept
+            _write_json(args, dataset, results, None, time.perf_counter() - started)
+            raise Interrupted(f"{done}they were written to {args.json_path}") from None
         raise Interrupted(f"{done}nothing was written") from None
     fit = _fit(results) if args.widths else None
     if fit is not None:
@@ -121,15 +124,22 @@ def run(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - started
     console.print(f"[dim]done in {elapsed:.1f} s[/]")
     if args.json_path is not None:
-        payload = {"results": results, "fit": fit, "config": _config(args, dataset),
-                   "versions": versions(), "seconds": elapsed}  # fmt: skip
-        report.write_json(args.json_path, json_safe(payload))
+        _write_json(args, dataset, results, fit, elapsed)
         console.print(f"wrote {args.json_path}")
     if args.figure is not None:
         from plstar.plots import plot_region
 
         plot_region(results, fit, args.figure)
         console.print(f"wrote {args.figure}")
+
+
+def _write_json(
+    args: argparse.Namespace, dataset: Any, results: list[dict[str, Any]],
+    fit: dict[str, Any] | None, seconds: float,
+) -> None:  # fmt: skip
+    payload = {"results": results, "fit": fit, "config": _config(args, dataset),
+               "versions": versions(), "seconds": seconds}  # fmt: skip
+    report.write_json(args.json_path, json_safe(payload))
 
 
 def _model(args: argparse.Namespace, dataset: Any, width: int | None) -> torch.nn.Module:
