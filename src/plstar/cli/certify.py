@@ -76,8 +76,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="Random directions sampled (besides the gradient, the λ_min-descent "
                        "path and the segment toward 0).")  # fmt: skip
     group.add_argument("--widths", type=widths_list, metavar="W1,W2,...",
-                       help="Certify at each width (the MLP's --width, or factory(width) with "
-                       "--model) and fit the bracket against width.")  # fmt: skip
+                       help="Certify at each width (the default MLP's width, replacing --width; "
+                       "or factory(width) with --model) and fit the bracket against width.")  # fmt: skip
     group.add_argument("--json", type=Path, dest="json_path", metavar="FILE",
                        help="Also write every figure to this JSON file.")  # fmt: skip
     group.add_argument("--figure", type=Path, metavar="FILE.png",

@@ -39,7 +39,7 @@ from plstar.experiments.common import (
     tanh_net,
 )
 from plstar.functional import ProgressCallback
-from plstar.train import train
+from plstar.train import SGD_FAILURE_PROBABILITY, train
 
 NUMBER = 6
 TITLE = "SGD with the derived step η*(b)"
@@ -85,6 +85,7 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
             "epoch_losses": losses[::steps_per_epoch],
             "steps_to_target": first_below(losses, config["target"] * losses[0]),
             "rate": result.rate, "step_size": result.step_size,
+            "max_distance": result.max_distance, "radius": result.radius,
         })  # fmt: skip
         if progress is not None:
             progress(f"SGD b = {b}", stream + 1, config["streams"])
@@ -170,6 +171,9 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     predicted = loglog_slope(sizes, [row["predicted_steps"] for row in both])
     saturation = constants["saturation_batch_size"]
     largest = max(row["batch_size"] for row in rows)
+    streams = [s for r in runs for s in r.data["streams"]]
+    inside = sum(s["max_distance"] <= s["radius"] for s in streams)
+    closest = max((s["max_distance"] / s["radius"] for s in streams), default=math.nan)
     checks = [
         check_true(
             "E L_t ≤ (1 − μη*(b))^t·L₀ at every step, every b: the mean over streams is never "
@@ -198,6 +202,13 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
             f"b* = {saturation:.4g}, largest b = {largest}",
             "b* > n (docs/theory.md: always)",
             control=True,
+        ),
+        check_true(
+            f"fraction of SGD runs whose path stays in the SGD ball B(w₀, R), δ = "
+            f"{SGD_FAILURE_PROBABILITY:g}",
+            bool(streams) and inside / len(streams) >= 1 - SGD_FAILURE_PROBABILITY,
+            f"{inside}/{len(streams)}; max ‖w_t − w₀‖/R = {closest:.3g}",
+            f"≥ 1 − δ = {1 - SGD_FAILURE_PROBABILITY:g}",
         ),
     ]
     return {"rows": rows, "constants": constants, "target": target,
