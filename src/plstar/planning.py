@@ -97,7 +97,7 @@ def plan_kernel(
     (measured on the first two samples, :func:`plstar.structured.probe`), "jacobian" with its
     rows (k·m per sample), "ntvp" with one block of Jacobian rows and vmapped forward-mode
     passes — and costed in flops: per sample, a forward pass (F, counted on one sample) and k
-    reverse passes (2F each) for the features, then "structured" Σ_layers min(T²(p + k²q), k²pq)
+    reverse passes (2F each) for the features, then "structured" Σ_layers min(T²p + kTq(T + k), k²pq)
     and "jacobian" k²·m multiply-adds per sample pair, "ntvp" k forward-mode passes (3F) per
     sample pair. "auto" takes the cheapest implementation whose plan fits the budget, or the one
     needing the least memory when none fits. "structured" is a candidate once its entry check
