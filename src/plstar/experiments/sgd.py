@@ -52,6 +52,9 @@ QUICK = {"n": 16, "d": 64, "width": 32, "epochs": 40, "streams": 3, "target": 0.
 FULL = {"n": 32, "d": 128, "width": 64, "epochs": 120, "streams": 8, "target": 0.01}
 SLOPE_TOLERANCE = 0.1
 """|measured − predicted| log-log slope of steps-to-ε against b allowed by the scaling check."""
+GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+"""Constant steps tried against η*(b), as multiples of it (one stream each): the fastest to ε is
+the best step found, which says how conservative the theory's step is."""
 SIGNIFICANCE = 3.0
 """A mean over streams counts as above the envelope (a bound on E L_t) beyond this many standard
 errors; at small t single runs do cross the envelope."""
@@ -107,7 +110,19 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
         elif mean > envelope:
             above_exactly += 1  # identical streams (b = n samples without replacement)
     first = runs[0]
+    grid = []
+    for factor in GRID:  # the same w₀ and sampling stream as stream 0, other constant steps
+        model = tanh_net(d, config["width"], 1, model_seed)
+        tried = train(model, x, y, method="sgd", batch_size=b, hessian_outputs=None,
+                      steps=config["epochs"] * steps_per_epoch, lr=factor * first.step_size,
+                      seed=1000 * config["seed"])  # fmt: skip
+        grid.append({"factor": factor, "steps_to_target": first_below(
+            tried.losses, config["target"] * tried.losses[0])})  # fmt: skip
+    reached = [g for g in grid if g["steps_to_target"] is not None]
+    best = min(reached, key=lambda g: (g["steps_to_target"], g["factor"]), default=None)
     return {
+        "grid": grid,
+        "best_factor": None if best is None else best["factor"],
         "n": n,
         "loss0": first.loss0,
         "mu": first.mu,
@@ -171,6 +186,8 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     predicted = loglog_slope(sizes, [row["predicted_steps"] for row in both])
     saturation = constants["saturation_batch_size"]
     largest = max(row["batch_size"] for row in rows)
+    best = {r.config["batch_size"]: r.data["best_factor"] for r in runs}
+    shown = ", ".join(f"b = {b}: {f if f is not None else 'none'}" for b, f in sorted(best.items()))
     streams = [s for r in runs for s in r.data["streams"]]
     inside = sum(s["max_distance"] <= s["radius"] for s in streams)
     closest = max((s["max_distance"] / s["radius"] for s in streams), default=math.nan)
@@ -202,6 +219,13 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
             f"b* = {saturation:.4g}, largest b = {largest}",
             "b* > n (docs/theory.md: always)",
             control=True,
+        ),
+        check_true(
+            "η*(b) is conservative: at every b the constant step fastest to ε on the grid "
+            "η*(b)·{0.5, 1, …, 64} is at least η*(b)",
+            all(f is not None and f >= 1.0 for f in best.values()),
+            f"best step / η*(b): {shown}",
+            "≥ 1 at every b",
         ),
         check_true(
             f"fraction of SGD runs whose path stays in the SGD ball B(w₀, R), δ = "
