@@ -51,7 +51,8 @@ def test_widths_call_the_factory_with_each_width_and_fit_the_bracket(tmp_path: P
     assert [r["width"] for r in results] == [16, 64, 256]
     assert [r["m"] for r in results] == [64 * w + 2 * w + 1 for w in (16, 64, 256)]
     upper = payload["fit"]["upper"]
-    assert upper is not None and upper["slope"] > 0 and upper["crossover_width"] > 0
+    assert upper is not None and upper["slope"] > 0 and upper["width"] > 0
+    assert upper["slope_error"] is not None and upper["width_range"] is not None
     assert payload["fit"]["verdict"]
 
 

@@ -13,7 +13,7 @@ from plstar import theory
 from plstar.certify import flat_parameters
 from plstar.kernel import tangent_kernel
 from plstar.models import mlp
-from plstar.region import RegionSearch, pl_region
+from plstar.region import RegionSearch, fit_crossover, pl_region
 
 
 class Quadratic(nn.Module):
@@ -85,3 +85,25 @@ def test_region_brackets_the_first_crossing_and_leaves_the_model_at_w0() -> None
     search = RegionSearch(model, x, region.mu)
     assert search.lambda_min(w0 + best.distance * best.direction.to(w0.dtype)) < region.mu
     assert region.to_dict()["upper"] == region.upper
+
+
+def test_fit_crossover_recovers_a_power_law_and_its_crossing_width() -> None:
+    widths = [16.0, 64.0, 256.0, 1024.0]
+    exact = fit_crossover(widths, [2 * w**0.5 for w in widths], radius=100.0)
+    assert exact is not None
+    assert exact.slope == pytest.approx(0.5, rel=1e-12)
+    assert exact.width == pytest.approx(2500.0, rel=1e-10)  # 2·√w = 100
+    assert exact.width_range is not None
+    assert exact.width_range[0] == pytest.approx(2500.0, rel=1e-6)  # no scatter: no spread
+    scatter = (1.1, 0.9, 1.1, 0.9)
+    values = [2 * w**0.5 * f for w, f in zip(widths, scatter, strict=True)]
+    noisy = fit_crossover(widths, values, radius=100.0)
+    assert noisy is not None and noisy.width_range is not None
+    assert noisy.width_range[0] < noisy.width < noisy.width_range[1]
+    two = fit_crossover(widths[:2], [1.0, math.inf], radius=10.0)
+    assert two is None  # one finite value: no fit
+    pair = fit_crossover(widths[:2], [1.0, 2.0], radius=8.0)
+    assert pair is not None and pair.slope_error is None and pair.width_range is None
+    assert pair.width == pytest.approx(16 * 4**3, rel=1e-10)
+    flat = fit_crossover(widths, [3.0, 3.0, 3.0, 3.0], radius=10.0)
+    assert flat is not None and math.isinf(flat.width)

@@ -145,7 +145,7 @@ def plot_region(
         for key in ("upper", "lower"):
             line = fit.get(key)
             if line:
-                crossing = line["crossover_width"]
+                crossing = line["width"]
                 span = [min(widths), max(widths)]
                 if math.isfinite(crossing):  # the fit drawn on to where it reaches R
                     span = [min(span[0], crossing), max(span[1], crossing)]

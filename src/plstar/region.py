@@ -17,6 +17,7 @@ The model is moved to the points it measures and always put back at w₀.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,12 +26,23 @@ import torch
 from torch import Tensor, nn
 
 from plstar import theory
-from plstar.certify import assign_parameters, flat_parameters, lambda_min_descent
+from plstar.certify import assign_parameters, certify, flat_parameters, lambda_min_descent
 from plstar.conditions import json_safe
+from plstar.curvature import loss_gradient
+from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback
 from plstar.kernel import tangent_kernel
 
-__all__ = ["Crossing", "Region", "RegionSearch", "pl_region"]
+__all__ = [
+    "Crossing",
+    "CrossoverFit",
+    "Region",
+    "RegionCertificate",
+    "RegionSearch",
+    "certify_region",
+    "fit_crossover",
+    "pl_region",
+]  # fmt: skip
 
 GRID = 24
 """Points of a scan along a direction, geometric from 10⁻³ of its reach to the reach."""
@@ -190,3 +202,171 @@ def pl_region(
     lower = theory.uniform_conditioning_radius(lambda0, mu_, hessian_norm, nk) if mu_ > 0 else 0.0
     upper = min(c.distance for c in crossings)
     return Region(lambda0, mu_, hessian_norm, lower, upper, crossings)
+
+
+@dataclass
+class RegionCertificate:
+    """The GD theorem's ball against the PL* region (μ = λ₀/2) of one model, and the verdict.
+
+    ``radius`` is R = 2√(2βL₀)/μ with β(w₀), the smallest ball the theorem could use (a crossing
+    inside it refutes); ``radius_ball`` uses the largest λ_max(H_L) found on that ball, the ball
+    the theorem needs (Hessian control covering it confirms). ``certificate`` is the sampled ball
+    (:func:`plstar.certify`), ``region`` the bracket (:func:`pl_region`).
+    """
+
+    m: int
+    n: int
+    k: int
+    loss0: float
+    lambda0: float
+    mu: float
+    beta_w0: float
+    beta_ball: float
+    radius: float
+    radius_ball: float
+    hessian_norm: float
+    region: Region
+    sampled_points: int
+    verdict: list[str] = field(default_factory=list)
+
+    @property
+    def lower(self) -> float:
+        return self.region.lower
+
+    @property
+    def upper(self) -> float:
+        return self.region.upper
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict: figures as floats (``upper`` is ∞ when no crossing was found, so pass it
+        through :func:`plstar.conditions.json_safe` before writing JSON), the region JSON-safe."""
+        data = {k: v for k, v in asdict(self).items() if k != "region"}
+        return data | {"lower": self.lower, "upper": self.upper, "region": self.region.to_dict()}
+
+
+def certify_region(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    directions: int = 2,
+    hessian_outputs: int | None = 4,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    output: OutputSelector | None = None,
+    progress: ProgressCallback | None = None,
+) -> RegionCertificate:
+    """Does the GD theorem's hypothesis hold on its own ball for this model? (THEORY items 1, 2, 4)
+
+    λ₀ = λ_min(K(w₀)) and μ = λ₀/2; :func:`plstar.certify` samples B(w₀, R) (shells ½ and 1,
+    ``directions`` random directions besides the gradient and λ_min descent) for ε, the largest
+    ‖H_F‖, and the largest λ_max(H_L); :func:`pl_region` brackets the region (the gradient,
+    the segment toward 0, the adversarial path and ``directions`` random ones); the verdict
+    compares the bracket with R. Raises PlstarInputError when λ₀ ≤ 0 (PL* fails at w₀).
+    Cost: a dense eigh of K, :func:`plstar.certify`, and :func:`pl_region`.
+    """
+    common: dict[str, Any] = {"memory_budget": memory_budget, "output": output}
+    lambda0 = float(torch.linalg.eigvalsh(tangent_kernel(model, x, **common))[0])
+    if not lambda0 > 0:
+        raise PlstarInputError(
+            f"λ_min(K(w₀)) = {lambda0:.3g} ≤ 0: PL* fails at w₀ itself (fewer parameters than "
+            "n·k, or duplicated samples); there is no region to certify"
+        )
+    mu = lambda0 / 2
+    cert = certify(model, x, y, mu=mu, samples=directions, shells=(0.5, 1.0),
+                   hessian_outputs=hessian_outputs, seed=seed, progress=progress, **common)  # fmt: skip
+    beta_ball = max(cert.sharpness_max, cert.beta)
+    _, gradient = loss_gradient(model, x, y, **common)
+    toward = [("gradient", -gradient / gradient.norm())] if float(gradient.norm()) > 0 else []
+    region = pl_region(model, x, hessian_norm=cert.hessian_norm, mu=mu, directions=toward,
+                       random_directions=directions, seed=seed, progress=progress, **common)  # fmt: skip
+    found = RegionCertificate(
+        m=cert.m, n=cert.n, k=cert.k, loss0=cert.loss0, lambda0=lambda0, mu=mu,
+        beta_w0=cert.beta, beta_ball=beta_ball,
+        radius=theory.gd_radius(cert.beta, mu, cert.loss0),
+        radius_ball=theory.gd_radius(beta_ball, mu, cert.loss0),
+        hessian_norm=cert.hessian_norm, region=region, sampled_points=cert.sampled_points,
+    )  # fmt: skip
+    found.verdict = _verdict(region, found.radius, found.radius_ball)
+    return found
+
+
+def _verdict(region: Region, radius: float, radius_ball: float) -> list[str]:
+    """The bracket against R, in words (see :class:`RegionCertificate` for the two radii)."""
+    lower, upper = region.lower, region.upper
+    worst = min(region.crossings, key=lambda c: c.distance)
+    lines = []
+    if radius_ball > radius * (1 + 1e-9):
+        lines.append(
+            "β is not constant on the ball: λ_max(H_L) found there exceeds β(w₀), so the "
+            f"theorem's R grows from {radius:.4g} (β at w₀) to {radius_ball:.4g}."
+        )
+    if upper < radius:
+        return [
+            f"The theorem does not apply at this width: λ_min(K) < μ = λ₀/2 at distance "
+            f"{upper:.4g} from w₀ ({worst.name}), inside even the smallest ball the theorem could "
+            f"use, R = {radius:.4g} (β at w₀): {radius / upper:.3g}× larger than the PL* region "
+            "found.",
+            f"Hessian control with the largest ‖H_F‖ found (ε = {region.hessian_norm:.3g}) keeps "
+            f"λ_min(K) ≥ μ only up to {lower:.4g}.",
+            *lines,
+        ]
+    found = "no point with λ_min(K) < μ was found" if math.isinf(upper) else (
+        f"the nearest point with λ_min(K) < μ is at {upper:.4g} ({worst.name})"
+    )  # fmt: skip
+    if lower >= radius_ball:
+        return [
+            f"The theorem applies at this width, if ‖H_F‖ ≤ ε = {region.hessian_norm:.3g} on the "
+            f"ball (ε is the largest value sampled): Hessian control keeps λ_min(K) ≥ μ up to "
+            f"{lower:.4g}, {lower / radius_ball:.3g}× R = {radius_ball:.4g}; {found}.",
+            *lines,
+        ]
+    return [
+        f"Undecided at this width: {found}, so nothing inside R = {radius:.4g} refutes PL* with "
+        f"μ = λ₀/2 — evidence, not proof; Hessian control (ε = {region.hessian_norm:.3g}, the "
+        f"largest ‖H_F‖ found) covers only {lower:.4g}, {radius_ball / max(lower, 1e-300):.3g}× "
+        f"short of R = {radius_ball:.4g}.",
+        *lines,
+    ]
+
+
+@dataclass(frozen=True)
+class CrossoverFit:
+    """log r = intercept + slope·log width, and the width where r reaches ``radius``: ``width``
+    (∞ when r does not grow), ``width_range`` from ±1 standard error of both coefficients (None
+    with two points, where the fit has no error, or when the slope is within 1 s.e. of 0)."""
+
+    slope: float
+    slope_error: float | None
+    intercept: float
+    radius: float
+    width: float
+    width_range: tuple[float, float] | None
+
+
+def fit_crossover(
+    widths: Sequence[float], values: Sequence[float], radius: float
+) -> CrossoverFit | None:
+    """Least-squares power law of ``values`` (a radius of the PL* region) against ``widths``, over
+    the finite positive values, and the width where it reaches ``radius`` (None with fewer than
+    two such values)."""
+    w, v = np.asarray(widths, dtype=float), np.asarray(values, dtype=float)
+    keep = np.isfinite(v) & (v > 0)
+    if keep.sum() < 2:
+        return None
+    logs, logv = np.log(w[keep]), np.log(v[keep])
+    if keep.sum() > 2:
+        (slope, intercept), cov = np.polyfit(logs, logv, 1, cov=True)
+        errors: tuple[float, float] | None = tuple(np.sqrt(np.clip(np.diag(cov), 0, None)))  # type: ignore[assignment]
+    else:
+        slope, intercept = np.polyfit(logs, logv, 1)
+        errors = None
+    slope, intercept, target = float(slope), float(intercept), math.log(radius)
+    width = math.exp((target - intercept) / slope) if slope > 0 else math.inf
+    span = None
+    if errors is not None and slope - errors[0] > 0:
+        corners = [math.exp((target - (intercept + di)) / (slope + ds))
+                   for ds in (-errors[0], errors[0]) for di in (-errors[1], errors[1])]  # fmt: skip
+        span = (min(corners), max(corners))
+    return CrossoverFit(slope, None if errors is None else float(errors[0]), intercept, radius,
+                        width, span)  # fmt: skip

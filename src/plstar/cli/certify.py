@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import plstar
-from plstar import report, theory
+from plstar import report
 from plstar.cli.common import (
     Interrupted,
     ProgressBars,
@@ -37,10 +37,8 @@ from plstar.cli.common import (
 )
 from plstar.cli.options import add_command, add_problem_options, integer
 from plstar.conditions import json_safe
-from plstar.curvature import loss_gradient
-from plstar.errors import PlstarInputError
 from plstar.models import describe_model, load_model_factory, mlp
-from plstar.region import Region, pl_region
+from plstar.region import certify_region, fit_crossover
 
 SUMMARY = (
     "Bracket the PL* region around w₀ and compare it with the GD theorem's ball (on the digits, "
@@ -157,116 +155,47 @@ def _certify_one(
     args: argparse.Namespace, dataset: Any, net: torch.nn.Module, width: int | None,
     progress: ProgressBars,
 ) -> dict[str, Any]:  # fmt: skip
-    """One model: λ₀, the sampled ball (ε, β), the bracket, R and the verdict."""
-    x, y, output = dataset.x, dataset.y, output_selector(args)
-    common = {"memory_budget": args.memory_budget, "output": output}
-    lambda0 = float(torch.linalg.eigvalsh(plstar.tangent_kernel(net, x, **common))[0])
-    if not lambda0 > 0:
-        raise PlstarInputError(
-            f"λ_min(K(w₀)) = {lambda0:.3g} ≤ 0: PL* fails at w₀ itself (fewer parameters than "
-            "n·k, or duplicated samples); there is no region to certify"
-        )
-    mu = lambda0 / 2
-    cert = plstar.certify(
-        net, x, y, mu=mu, samples=args.directions, shells=(0.5, 1.0),
-        hessian_outputs=hessian_outputs(args), seed=args.seed, progress=progress, **common,
+    """One model's certificate (:func:`plstar.region.certify_region`) as a JSON-ready dict."""
+    found = certify_region(
+        net, dataset.x, dataset.y, directions=args.directions,
+        hessian_outputs=hessian_outputs(args), seed=args.seed, memory_budget=args.memory_budget,
+        output=output_selector(args), progress=progress,
     )  # fmt: skip
-    beta = max(cert.sharpness_max, cert.beta)
-    # R with β(w₀) is the smallest ball the theorem could use (it refutes); with the largest β
-    # found on that ball, the one it needs (it confirms)
-    radius = theory.gd_radius(cert.beta, mu, cert.loss0)
-    radius_ball = theory.gd_radius(beta, mu, cert.loss0)
-    _, gradient = loss_gradient(net, x, y, **common)
-    toward = [("gradient", -gradient / gradient.norm())] if float(gradient.norm()) > 0 else []
-    region = pl_region(
-        net, x, hessian_norm=cert.hessian_norm, mu=mu, directions=toward,
-        random_directions=args.directions, seed=args.seed, progress=progress, **common,
-    )  # fmt: skip
-    return {
-        "width": width, "m": cert.m, "n": cert.n, "k": cert.k, "loss0": cert.loss0,
-        "lambda0": lambda0, "mu": mu, "beta_w0": cert.beta, "beta_ball": beta, "radius": radius,
-        "radius_ball": radius_ball, "hessian_norm": cert.hessian_norm, "lower": region.lower,
-        "upper": region.upper, "region": region.to_dict(),
-        "verdict": verdict(region, radius, radius_ball),
-        "sampled_points": cert.sampled_points,
-    }  # fmt: skip
-
-
-def verdict(region: Region, radius: float, radius_ball: float) -> list[str]:
-    """The bracket against R, in words: ``radius`` uses β(w₀) (the smallest ball the theorem
-    could use), ``radius_ball`` the largest λ_max(H_L) found on it (the ball it needs)."""
-    lower, upper = region.lower, region.upper
-    worst = min(region.crossings, key=lambda c: c.distance)
-    lines = []
-    if radius_ball > radius * (1 + 1e-9):
-        lines.append(
-            "β is not constant on the ball: λ_max(H_L) found there exceeds β(w₀), so the "
-            f"theorem's R grows from {radius:.4g} (β at w₀) to {radius_ball:.4g}."
-        )
-    if upper < radius:
-        return [
-            f"The theorem does not apply at this width: λ_min(K) < μ = λ₀/2 at distance "
-            f"{upper:.4g} from w₀ ({worst.name}), inside even the smallest ball the theorem could "
-            f"use, R = {radius:.4g} (β at w₀): {radius / upper:.3g}× larger than the PL* region "
-            "found.",
-            f"Hessian control with the largest ‖H_F‖ found (ε = {region.hessian_norm:.3g}) keeps "
-            f"λ_min(K) ≥ μ only up to {lower:.4g}.",
-            *lines,
-        ]
-    found = "no point with λ_min(K) < μ was found" if math.isinf(upper) else (
-        f"the nearest point with λ_min(K) < μ is at {upper:.4g} ({worst.name})"
-    )  # fmt: skip
-    if lower >= radius_ball:
-        return [
-            f"The theorem applies at this width, if ‖H_F‖ ≤ ε = {region.hessian_norm:.3g} on the "
-            f"ball (ε is the largest value sampled): Hessian control keeps λ_min(K) ≥ μ up to "
-            f"{lower:.4g}, {lower / radius_ball:.3g}× R = {radius_ball:.4g}; {found}.",
-            *lines,
-        ]
-    return [
-        f"Undecided at this width: {found}, so nothing inside R = {radius:.4g} refutes PL* with "
-        f"μ = λ₀/2 — evidence, not proof; Hessian control (ε = {region.hessian_norm:.3g}, the "
-        f"largest ‖H_F‖ found) covers only {lower:.4g}, {radius_ball / max(lower, 1e-300):.3g}× "
-        f"short of R = {radius_ball:.4g}.",
-        *lines,
-    ]
+    return {"width": width, **found.to_dict()}
 
 
 def _fit(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Power laws r = a·width^s of both ends of the bracket and the width where each reaches the
-    median R, with the range from ±1 standard error of the fit's coefficients."""
-    widths = np.array([r["width"] for r in results], dtype=float)
+    """Both ends of the bracket fitted as power laws of the width (:func:`fit_crossover`), with
+    the width where each reaches the median R (β at w₀), in words."""
+    widths = [r["width"] for r in results]
     radius = float(np.median([r["radius"] for r in results]))
     fit: dict[str, Any] = {"median_radius": radius, "verdict": []}
     for end, meaning in (("upper", "no point refuting PL* inside R"),
                          ("lower", "Hessian control covering R")):  # fmt: skip
-        values = np.array([r[end] for r in results], dtype=float)
-        keep = np.isfinite(values) & (values > 0)
-        if keep.sum() < 3:
-            fit[end] = None
-            fit["verdict"].append(f"{end} bound: finite at fewer than 3 widths, no fit.")
-            continue
-        (slope, intercept), cov = np.polyfit(np.log(widths[keep]), np.log(values[keep]), 1,
-                                             cov=True)  # fmt: skip
-        errors = np.sqrt(np.clip(np.diag(cov), 0, None))
-        corners = [
-            math.exp((math.log(radius) - (intercept + di)) / (slope + ds))
-            for ds in (-errors[0], errors[0]) for di in (-errors[1], errors[1])
-            if slope + ds > 0
-        ]  # fmt: skip
-        width = math.exp((math.log(radius) - intercept) / slope) if slope > 0 else math.inf
-        fit[end] = {"slope": float(slope), "slope_error": float(errors[0]),
-                    "intercept": float(intercept), "crossover_width": width,
-                    "crossover_range": [min(corners), max(corners)] if corners else None}  # fmt: skip
-        if slope <= 0:
-            text = f"the {end} bound does not grow with width (slope {slope:.2f}): no crossover"
+        values = [_number(r[end]) for r in results]
+        line = fit_crossover(widths, values, radius)
+        fit[end] = None if line is None else asdict(line)
+        if line is None:
+            text = f"the {end} bound is finite at fewer than 2 widths: no fit"
+        elif line.slope <= 0:
+            text = (
+                f"the {end} bound does not grow with width (slope {line.slope:.2f}): no crossover"
+            )
         else:
-            span = (f" (range {min(corners):.3g}–{max(corners):.3g} from ±1 s.e.)"
-                    if len(corners) == 4 else " (the fit's slope is within 1 s.e. of 0)")  # fmt: skip
-            text = (f"{meaning}: the {end} bound grows like width^{slope:.2f} ± {errors[0]:.2f} "
-                    f"and reaches the median R (β at w₀) = {radius:.3g} at width ≈ {width:.3g}{span}")  # fmt: skip
+            error = "" if line.slope_error is None else f" ± {line.slope_error:.2f}"
+            span = (" (two widths: no error estimate)" if line.slope_error is None else
+                    " (the slope is within 1 s.e. of 0)" if line.width_range is None else
+                    f" (range {line.width_range[0]:.3g}–{line.width_range[1]:.3g} from ±1 s.e.)")  # fmt: skip
+            text = (f"{meaning}: the {end} bound grows like width^{line.slope:.2f}{error} and "
+                    f"reaches the median R (β at w₀) = {radius:.3g} at width ≈ {line.width:.3g}"
+                    f"{span}")  # fmt: skip
         fit["verdict"].append(text)
     return fit
+
+
+def _number(value: Any) -> float:
+    """A JSON-safe figure back as a float ("inf" and None are infinite: no crossing found)."""
+    return math.inf if value is None or isinstance(value, str) else float(value)
 
 
 def _table(result: dict[str, Any]) -> Table:

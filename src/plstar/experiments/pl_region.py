@@ -42,7 +42,7 @@ from plstar.experiments.pl_region_figures import figures as figures  # the modul
 from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
 from plstar.models import cnn
-from plstar.region import RegionSearch
+from plstar.region import RegionSearch, fit_crossover
 
 NUMBER = 11
 TITLE = "The PL* region outgrows the GD ball"
@@ -198,20 +198,10 @@ def crossover(widths: list[int], r_mu: list[float], radius: list[float]) -> int 
     return None
 
 
-def extrapolated_crossover(widths: list[int], r_mu: list[float], radius: list[float]) -> float:
-    """Where the power-law fit of r_μ(m) reaches the median R: exp((log R̄ − a)/s) for
-    log r_μ = a + s·log m (NaN when r_μ does not grow or is infinite somewhere)."""
-    if len(widths) < 2 or not all(math.isfinite(r) and r > 0 for r in r_mu):
-        return math.nan
-    slope, intercept = np.polyfit(np.log(widths), np.log(r_mu), 1)
-    if slope <= 0:
-        return math.nan
-    return float(math.exp((math.log(float(np.median(radius))) - intercept) / slope))
-
-
 def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
     """Per family: r_μ (each direction family), the Hessian-control radius, R, sup ‖H_F‖, the
-    crossover (and its power-law extrapolation) against width; three checks per family, two more
+    crossover (and where the power law of r_μ reaches the median R, :func:`fit_crossover`)
+    against width; three checks per family, two more
     (crossover, GD above it) for the families of ``CROSSING``."""
     data: dict[str, Any] = {"families": {}}
     checks: list[Check] = []
@@ -244,9 +234,8 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
                         loglog_slope(widths, sup_eps), -high, -low),
             _bounds_hold(label, mine),
         ]  # fmt: skip
-        data["families"][family]["extrapolated_crossover"] = extrapolated_crossover(
-            widths, r_mu, radius
-        )
+        fit = fit_crossover(widths, r_mu, float(np.median(radius)))
+        data["families"][family]["extrapolated_crossover"] = None if fit is None else fit.width
         if family in CROSSING:
             checks += [
                 check_true(f"{label} a crossover width m* with r_μ(m) ≥ R(m) from m* on",
