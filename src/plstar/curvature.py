@@ -26,7 +26,7 @@ from plstar.functional import (
     check_targets,
     chunks,
     differentiable_attention,
-    jacobian_rows,
+    jacobian_matrix,
     make_functional,
 )
 from plstar.lanczos import lanczos
@@ -311,8 +311,7 @@ def per_sample_smoothness(
     block = max(1, min(n, budget // (3 * 8 * k * fmodel.m)))
     gauss_newton, residual = torch.empty(2, n, dtype=torch.float64)
     for rows in chunks(n, block):
-        jac = torch.cat(list(jacobian_rows(fmodel, xs[rows], torch.float64).values()), dim=1)
-        jac = jac.reshape(-1, k, fmodel.m)
+        jac = jacobian_matrix(fmodel, xs[rows], torch.float64).reshape(-1, k, fmodel.m)
         gauss_newton[rows] = torch.linalg.eigvalsh(jac @ jac.transpose(1, 2))[:, -1]
         with torch.no_grad():
             r = fmodel(fmodel.params, xs[rows]).double() - y2[rows].double()

@@ -192,6 +192,14 @@ def jacobian_rows(
     return {n: rows[n].reshape(c * fmodel.k, -1).to(dtype) for n in chosen}
 
 
+def jacobian_matrix(
+    fmodel: FunctionalModel, x: Tensor, dtype: torch.dtype, names: list[str] | None = None
+) -> Tensor:
+    """DF as one matrix (c·k, Σ numel of ``names``, default all), sample-major rows, columns in
+    the parameters' order: :func:`jacobian_rows` concatenated."""
+    return torch.cat(list(jacobian_rows(fmodel, x, dtype, names).values()), dim=1)
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     """Consecutive slices of ``range(n)`` of length ``size`` (the last may be shorter)."""
     size = max(1, int(size))

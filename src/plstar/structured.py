@@ -32,7 +32,7 @@ from plstar import layer_rules
 from plstar.costs import activation_bytes_per_sample
 from plstar.errors import PlstarInputError
 from plstar.factors import Factor
-from plstar.functional import FunctionalModel, jacobian_rows
+from plstar.functional import FunctionalModel, jacobian_matrix
 from plstar.recording import Recording, SharedOutputError, record
 from plstar.routing import drop_partial_ties, rule_modules, tied_units, unit_parameters
 
@@ -101,7 +101,7 @@ def fallback_rows(
     """Jacobian rows (c·k, Σ numel) of the parameters in ``fallback`` (None when empty)."""
     if not fallback:
         return None
-    return torch.cat(list(jacobian_rows(fmodel, x, dtype, fallback).values()), dim=1)
+    return jacobian_matrix(fmodel, x, dtype, fallback)
 
 
 def block_features(

@@ -44,7 +44,7 @@ from plstar.experiments.common import (
 from plstar.experiments.common import (
     figure as panel_figure,
 )
-from plstar.functional import ProgressCallback, check_targets, jacobian_rows, make_functional
+from plstar.functional import ProgressCallback, check_targets, jacobian_matrix, make_functional
 from plstar.spectrum import spectrum
 from plstar.train import train
 
@@ -100,7 +100,7 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     solution = flat_parameters(model).double()
     at_solution = loss_hessian(model, x, y)
     fmodel = make_functional(model, x)
-    jacobian = torch.cat(list(jacobian_rows(fmodel, x, torch.float64).values()), dim=1)
+    jacobian = jacobian_matrix(fmodel, x, torch.float64)
     residual_term = float(torch.linalg.matrix_norm(at_solution - jacobian.T @ jacobian, ord=2))
     found = spectrum(at_solution)
     eigenvalues = torch.linalg.eigvalsh(at_solution).flip(0)  # descending

@@ -43,7 +43,7 @@ from plstar.experiments.common import (
 from plstar.experiments.common import (
     figure as panel_figure,
 )
-from plstar.functional import ProgressCallback, jacobian_rows, make_functional
+from plstar.functional import ProgressCallback, jacobian_matrix, make_functional
 from plstar.kernel import tangent_kernel
 from plstar.monitor import Monitor
 from plstar.spectrum import Spectrum, spectrum
@@ -64,15 +64,10 @@ FULL = {"n": 32, "d": 12, "k": 4, "widths": [6, 7], "steps": 20000}
 """m = (d + k)·width against n·k: 48/64 (quick), 96/128 and 112/128 (full)."""
 
 
-def _jacobian(model: nn.Module, x: Tensor) -> Tensor:
-    fmodel = make_functional(model, x)
-    return torch.cat(list(jacobian_rows(fmodel, x, torch.float64).values()), dim=1)
-
-
 def gauss_newton_spectrum(model: nn.Module, x: Tensor) -> Spectrum:
     """Extremes of DFᵀDF (m × m, float64): for m ≤ n·k its λ_min is the smallest non-zero
     eigenvalue λ⁺ of K = DF DFᵀ when DF has full column rank. Cost: n·k Jacobian rows, m³."""
-    jacobian = _jacobian(model, x)
+    jacobian = jacobian_matrix(make_functional(model, x), x, torch.float64)
     return spectrum(jacobian.T @ jacobian)
 
 
@@ -80,7 +75,7 @@ def linearized_minimum(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """L* of the model linearized at its current w: ½‖r − DF·δ‖² at the least-squares δ, i.e.
     half the squared residual outside the range of DF (r = F(w) − y). Known before training, so
     the levels ε and μ_ε = λ⁺(1 − L*_lin/ε) are fixed before the run."""
-    jacobian = _jacobian(model, x)
+    jacobian = jacobian_matrix(make_functional(model, x), x, torch.float64)
     with torch.no_grad():
         residual = (model(x) - y).double().reshape(-1)
     step = torch.linalg.lstsq(jacobian, residual.unsqueeze(1)).solution
