@@ -43,6 +43,7 @@ from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
 from plstar.models import cnn
 from plstar.region import RegionSearch, fit_crossover
+from plstar.train import train
 
 NUMBER = 11
 TITLE = "The PL* region outgrows the GD ball"
@@ -98,15 +99,14 @@ def build(family: str, d: int, width: int, seed: int) -> tuple[nn.Module, bool]:
 def gradient_descent(
     model: nn.Module, x: Tensor, y: Tensor, w0: Tensor, eta: float, steps: int
 ) -> tuple[list[float], float, Tensor]:
-    """GD from w₀ with step η: (losses L(w_0..w_T), max_t ‖w_t − w₀‖, w_T)."""
-    w, losses, farthest = w0.clone(), [], 0.0
-    for _ in range(steps + 1):
-        assign_parameters(model, w)
-        loss, gradient = loss_gradient(model, x, y)
-        losses.append(float(loss))
-        farthest = max(farthest, float((w - w0).norm()))
-        w = w - eta * gradient.to(w.dtype)
-    return losses, farthest, w
+    """GD from w₀ with the constant step η (:func:`plstar.train`): (losses L(w_0..w_T),
+    max_t ‖w_t − w₀‖, w_T); the model is left at w₀."""
+    assign_parameters(model, w0)
+    try:
+        result = train(model, x, y, steps=steps, lr=eta)
+        return result.losses, result.max_distance, flat_parameters(model)
+    finally:
+        assign_parameters(model, w0)
 
 
 def _curvature(search: RegionSearch, y: Tensor, w: Tensor) -> tuple[float, float, float]:
