@@ -11,8 +11,9 @@ from conftest import as_function_of_flat, dense_kernel, flat_params, quick_resul
 
 from plstar import theory
 from plstar.experiments import linear_convergence as experiment
-from plstar.experiments.base import ExperimentResult
+from plstar.experiments.base import ExperimentResult, Run
 from plstar.experiments.common import digits_problem, late_rate, network
+from plstar.experiments.pl_region import build, sphere_problem
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,7 @@ def result() -> ExperimentResult:
 
 def test_rate_and_radius_are_the_theorems(result: ExperimentResult) -> None:
     assert result.data["widths"] == experiment.QUICK["widths"]
+    assert result.data[experiment.HOLDS]["widths"] == [experiment.HOLDS_QUICK["width"]]
     for run in result.runs:
         d = run.data
         assert d["rate"] == pytest.approx(theory.gd_rate(d["beta"], d["mu"]), rel=1e-12)
@@ -53,4 +55,34 @@ def test_mu_and_beta_match_dense_oracles() -> None:
 
 def test_figures_have_their_names(result: ExperimentResult) -> None:
     figures = experiment.figures(result)
-    assert set(figures) == {"convergence"}
+    assert set(figures) == {"convergence", "hypothesis-holds"}
+
+
+def test_hypothesis_regime_against_dense_oracles() -> None:
+    """μ = λ₀/2 from a dense kernel; β at least the exact λ_max(∇²L(w₀)) (the largest sampled on
+    the ball); R the theorem's radius with them."""
+    config = {"regime": experiment.HOLDS, "width": 32, "depth": 2, "n": 3, "d": 16, "steps": 5,
+              "every": 5, "seed": 1}  # fmt: skip
+    found = experiment.run_configuration(config, None)
+    x, y, model_seed = sphere_problem(3, 16, 1)
+    model, _ = build("mlp2", 16, 32, model_seed)
+    forward, w0 = as_function_of_flat(model, x), flat_params(model)
+    assert found["mu"] == pytest.approx(
+        float(torch.linalg.eigvalsh(dense_kernel(model, x))[0]) / 2, rel=1e-8
+    )
+    hessian = torch.func.hessian(lambda w: 0.5 * ((forward(w) - y) ** 2).sum())(w0)
+    assert found["beta"] >= float(torch.linalg.eigvalsh(hessian)[-1]) * (1 - 1e-3)
+    assert found["radius"] == pytest.approx(
+        theory.gd_radius(found["beta"], found["mu"], found["loss0"]), rel=1e-12
+    )
+
+
+def test_hypothesis_check_fails_on_a_narrow_network() -> None:
+    """At width 16 the PL* region is far inside R (experiment 11: r_μ ≈ 1 against R ≈ 40): the
+    check of the hypothesis must fail there."""
+    config = {"regime": experiment.HOLDS, "width": 16, "depth": 2, "n": 4, "d": 64,
+              "steps": 20, "every": 10, "seed": 0}  # fmt: skip
+    runs = [Run(config, experiment.run_configuration(config, None), 0.0)]
+    _, checks = experiment.summarize(runs)
+    hypothesis = [c for c in checks if c.name.startswith(f"[{experiment.HOLDS}] μ = λ₀/2")]
+    assert len(hypothesis) == 1 and not hypothesis[0].passed, hypothesis

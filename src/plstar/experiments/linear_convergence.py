@@ -13,8 +13,13 @@ the adversarial path of :class:`plstar.region.RegionSearch` (iterated λ_min des
 λ_min(K) falls below λ₀/2 at a distance r_{λ₀/2} far smaller than R (measured per run, reported
 in the checks and drawn in the figure), and the ball contains w = 0 (R > ‖w₀‖), where K is
 singular: no μ > 0 gives PL* on it. The envelope and the rate hold here although the hypothesis
-does not. Experiment 11 measures where hypothesis and conclusion hold together: above its
-crossover width, on near-orthogonal data, with μ = λ₀/2 and β from the ball.
+does not.
+
+A second regime measures where hypothesis and conclusion hold together (experiment 11's setting,
+above its crossover width): n = 4 near-orthogonal points, a depth-2 network wider than m*, μ = λ₀/2
+and β the largest λ_max(H_L) sampled on B(w₀, R) itself (R recomputed until the sampled ball
+covers it). The hypothesis is measured — no λ_min(K) < μ along the λ_min-descent path within R, and
+every sampled λ_min on the ball ≥ μ — then GD with η = 1/β is checked against the same conclusion.
 """
 
 from __future__ import annotations
@@ -22,20 +27,29 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from plstar import theory
 from plstar.certify import assign_parameters, flat_parameters
+from plstar.curvature import loss_gradient, loss_sharpness
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
 from plstar.experiments.common import (
     by_key,
+    describe_model,
     figure,
     late_rate,
     monitored_gd,
+    seeds_of,
     thin,
     width_colors,
     width_configurations,
 )
+from plstar.experiments.pl_region import build, sample_ball, sphere_problem
 from plstar.functional import ProgressCallback
+from plstar.kernel import tangent_kernel
+from plstar.monitor import Monitor
 from plstar.region import RegionSearch
-from plstar.train import envelope_ratio
+from plstar.train import envelope_ratio, train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,19 +63,32 @@ CLAIM = (
 
 QUICK = {"widths": [2**6, 2**8, 2**10], "n": 32, "steps": 1000, "every": 100}
 FULL = {"widths": [2**5, 2**7, 2**9, 2**11, 2**13], "n": 32, "steps": 3000, "every": 100}
+HOLDS_QUICK = {"width": 2**12, "n": 4, "d": 64, "steps": 300, "every": 100}
+HOLDS_FULL = {"width": 2**14, "n": 4, "d": 64, "steps": 300, "every": 100}
+"""The regime where the hypothesis holds: experiment 11's data, above its crossover width (m* =
+1024 in its full run, 4096 in its quick one)."""
+HOLDS = "hypothesis holds"
+FLOOR = 1e-24
+"""Losses below FLOOR·L₀ are rounding, not convergence: the late rate is measured above it."""
 POINTS = 300
 """Samples of each curve kept for the figure (the checks use every step)."""
 
 
 def configurations(quick: bool, seeds: int) -> list[dict[str, Any]]:
     """Every (width, seed), depth-2 NTK tanh MLP, n = 32 digits, k = 1: quick widths 2^6, 2^8,
-    2^10 and 1000 steps; full widths 2^5..2^13 (every other power) and 3000 steps."""
-    return width_configurations(QUICK if quick else FULL, seeds)
+    2^10 and 1000 steps; full widths 2^5..2^13 (every other power) and 3000 steps. Then, per seed,
+    the regime where the hypothesis holds: width 2^12 (quick) or 2^14, n = 4 points on a sphere."""
+    holds = HOLDS_QUICK if quick else HOLDS_FULL
+    return width_configurations(QUICK if quick else FULL, seeds) + [
+        {"regime": HOLDS, "depth": 2, **holds, "seed": seed} for seed in seeds_of(seeds)
+    ]
 
 
 def run_configuration(config: dict[str, Any], progress: ProgressCallback | None) -> dict[str, Any]:
     """GD under the Monitor. Cost: ``steps`` gradient passes over n samples plus steps/every
     n × n kernels; ≈ 40 s at width 2^13, n = 32, 3000 steps."""
+    if config.get("regime") == HOLDS:
+        return _hypothesis_holds(config, progress)
     result, monitor, model = monitored_gd(config, progress)
     history = monitor.history
     trained = flat_parameters(monitor.model)
@@ -88,15 +115,107 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     }  # fmt: skip
 
 
+def _hypothesis_holds(config: dict[str, Any], progress: ProgressCallback | None) -> dict[str, Any]:
+    """The theorem with its hypothesis measured: μ = λ₀/2, β sampled on B(w₀, R), GD with η = 1/β.
+    Cost (2 cores): ≈ 10 s at width 2^12 (m ≈ 2.7·10⁵), mostly Lanczos for λ_max(H_L) and ‖H_F‖."""
+    n, d = config["n"], config["d"]
+    x, y, model_seed = sphere_problem(n, d, config["seed"])
+    model, _ = build("mlp2", d, config["width"], model_seed)
+    w0 = flat_parameters(model)
+    mu = float(torch.linalg.eigvalsh(tangent_kernel(model, x))[0]) / 2
+    search = RegionSearch(model, x, mu)
+    descent = search.descent_path()
+    assert descent.direction is not None
+    loss0, gradient0 = loss_gradient(model, x, y)
+    beta = float(loss_sharpness(model, x, y, tol=1e-3, max_iter=30).value)
+    random = torch.randn(w0.shape, generator=torch.Generator().manual_seed(config["seed"] + 17),
+                         dtype=w0.dtype)  # fmt: skip
+    directions = (
+        descent.direction,
+        -gradient0.to(w0.dtype) / gradient0.norm(),
+        random / random.norm(),
+    )
+    radius, sampled, points = theory.gd_radius(beta, mu, float(loss0)), 0.0, []
+    for _ in range(4):  # R grows with β: sample B(w₀, R) until the ball sampled covers the new R
+        sampled = radius
+        points += sample_ball(search, y, (radius / 2, radius), directions)
+        beta = max([beta, *(p["sharpness"] for p in points)])
+        radius = theory.gd_radius(beta, mu, float(loss0))
+        if radius <= sampled:
+            break
+    monitor = Monitor(model, x, y, every=config["every"], kernel_samples=n, seed=config["seed"],
+                      progress=progress)  # fmt: skip
+    result = train(model, x, y, steps=config["steps"], lr=1.0 / beta, monitor=monitor)
+    rate, history = theory.gd_rate(beta, mu), monitor.history
+    index, losses = thin(result.losses, POINTS)
+    # rounding sets a floor the envelope and the rate would otherwise be judged against
+    floor = FLOOR * result.loss0
+    above = result.losses[: next((t for t, v in enumerate(result.losses) if v < floor), None)]
+    return {
+        "model": describe_model(model), "m": monitor.m, "loss0": result.loss0,
+        "final_loss": result.final_loss, "mu": mu, "beta": beta, "rate": rate, "radius": radius,
+        "sampled_radius": sampled, "min_lambda_on_ball": min(p["lambda_min"] for p in points),
+        "max_envelope_ratio": envelope_ratio(above, rate),
+        "max_distance": result.max_distance, "late_rate": late_rate(above),
+        "min_pl_ratio_over_mu": min((r.pl_ratio / mu for r in history
+                                     if math.isfinite(r.pl_ratio)), default=math.nan),
+        "region_radius": descent.distance, "norm_w0": float(w0.norm()),
+        "curve": {
+            "step": index, "loss": losses, "envelope": [result.loss0 * rate**t for t in index],
+            "distance": [history[t].distance for t in index],
+            "pl_ratio_over_mu": [history[t].pl_ratio / mu for t in index],
+        },
+        "events": result.events,
+    }  # fmt: skip
+
+
 def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
-    """Per width and seed the figures of merit; the curves of the first seed; three checks, each
-    the worst case over every run."""
+    """Per regime, width and seed the figures of merit; the curves of the first seed. Digits: the
+    hypothesis fails (a check says so) and three checks of the conclusion; where the hypothesis
+    holds: a check of it and the same three. Each is the worst case over every run of its regime."""
+    digits = [r for r in runs if r.config.get("regime") != HOLDS]
+    holds = [r for r in runs if r.config.get("regime") == HOLDS]
+    data: dict[str, Any] = _regime_data(digits)
+    data[HOLDS] = _regime_data(holds, ("sampled_radius", "min_lambda_on_ball"))
+    excess = min((r.data["radius"] / r.data["region_radius"] for r in digits), default=math.nan)
+    contains_zero = sum(r.data["radius"] > r.data["norm_w0"] for r in digits)
+    checks = [
+        check_true(
+            "the theorem's hypothesis fails at these widths: its ball is larger than the PL* "
+            "region (λ_min(K) < λ₀/2 at r_{λ₀/2} found by λ_min descent), so what follows is the "
+            "conclusion observed without it (the last four checks: where both hold)",
+            excess > 1, f"min R / r_{{λ₀/2}} = {excess:.3g}; R > ‖w₀‖ (w = 0 inside) in "
+            f"{contains_zero}/{len(digits)} runs", "R / r_{λ₀/2} > 1 in every run",
+        ),
+        *_conclusion_checks(digits, ""),
+    ]  # fmt: skip
+    if holds:
+        region = min(r.data["region_radius"] / r.data["radius"] for r in holds)
+        margin = min(r.data["min_lambda_on_ball"] / r.data["mu"] for r in holds)
+        sampled = min(r.data["sampled_radius"] / r.data["radius"] for r in holds)
+        checks += [
+            check_true(
+                f"[{HOLDS}] μ = λ₀/2, β the largest λ_max(H_L) sampled on B(w₀, R): no λ_min(K) < μ "
+                "within R on the λ_min-descent path, every sampled λ_min(K) on the ball ≥ μ, and "
+                "the ball sampled reaches R",
+                min(region, margin, sampled) >= 1,
+                f"min r_μ / R = {region:.3g}; min sampled λ_min / μ = {margin:.3g}; min sampled "
+                f"radius / R = {sampled:.3g}", "all ≥ 1",
+            ),
+            *_conclusion_checks(holds, f"[{HOLDS}] "),
+        ]  # fmt: skip
+    data["late_rate_exponents"] = _exponents(digits)
+    return data, checks
+
+
+def _regime_data(runs: list[Run], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per width the figures of merit of every seed, and the curves of the first seed."""
     widths = by_key(runs, "width")
     keys = ("max_envelope_ratio", "max_distance", "radius", "rate", "late_rate",
             "min_pl_ratio_over_mu", "mu", "beta", "final_loss", "loss0", "region_radius",
-            "norm_w0")  # fmt: skip
+            "norm_w0", *extra)  # fmt: skip
     first_seed = min(r.config["seed"] for r in runs) if runs else 0
-    data: dict[str, Any] = {
+    return {
         "widths": list(widths),
         "per_width": {str(w): {k: [r.data[k] for r in rs] for k in keys} for w, rs in widths.items()},
         "curves": {str(w): r.data["curve"] | {"radius": r.data["radius"],
@@ -104,40 +223,51 @@ def summarize(runs: list[Run]) -> tuple[dict[str, Any], list[Check]]:
                    for w, rs in widths.items() for r in rs if r.config["seed"] == first_seed},
         "setting": {k: runs[0].config[k] for k in ("n", "depth", "steps", "every")} if runs else {},
     }  # fmt: skip
-    envelope = max((r.data["max_envelope_ratio"] for r in runs), default=math.nan)
-    distance = max((r.data["max_distance"] / r.data["radius"] for r in runs), default=math.nan)
-    # log(late rate)/log(1 − μ/β) ≥ 1: the last half converged at least at the theory's rate.
-    exponents = [
+
+
+def _exponents(runs: list[Run]) -> list[float]:
+    """log(late rate)/log(1 − μ/β) per run: ≥ 1 when the last half converged at the theory's rate."""
+    return [
         math.log(r.data["late_rate"]) / math.log(r.data["rate"]) if 0 < r.data["rate"] < 1
         else math.nan for r in runs
     ]  # fmt: skip
-    slowest = min(exponents, default=math.nan)
-    if any(math.isnan(e) for e in exponents):
-        slowest = math.nan
-    excess = min((r.data["radius"] / r.data["region_radius"] for r in runs), default=math.nan)
-    contains_zero = sum(r.data["radius"] > r.data["norm_w0"] for r in runs)
-    checks = [
-        check_true(
-            "the theorem's hypothesis fails at these widths: its ball is larger than the PL* "
-            "region (λ_min(K) < λ₀/2 at r_{λ₀/2} found by λ_min descent), so what follows is the "
-            "conclusion observed without it (experiment 11: widths where both hold)",
-            excess > 1, f"min R / r_{{λ₀/2}} = {excess:.3g}; R > ‖w₀‖ (w = 0 inside) in "
-            f"{contains_zero}/{len(runs)} runs", "R / r_{λ₀/2} > 1 in every run",
-        ),
-        check_range("max over t ≥ 1 of L(w_t) / ((1 − μ/β)^t·L₀), every run (under the envelope)",
-                    envelope, 0.0, 1.0),
-        check_range("max_t ‖w_t − w₀‖ / R over every run (path inside the ball)",
+
+
+def _conclusion_checks(runs: list[Run], label: str) -> list[Check]:
+    """The theorem's conclusion over ``runs``: under the envelope, inside the ball, linear to the
+    end (each the worst run)."""
+    envelope = max((r.data["max_envelope_ratio"] for r in runs), default=math.nan)
+    distance = max((r.data["max_distance"] / r.data["radius"] for r in runs), default=math.nan)
+    exponents = _exponents(runs)
+    slowest = (
+        math.nan if any(math.isnan(e) for e in exponents) else min(exponents, default=math.nan)
+    )
+    return [
+        check_range(f"{label}max over t ≥ 1 of L(w_t) / ((1 − μ/β)^t·L₀), every run (under the "
+                    "envelope)", envelope, 0.0, 1.0),
+        check_range(f"{label}max_t ‖w_t − w₀‖ / R over every run (path inside the ball)",
                     distance, 0.0, 1.0),
-        check_range("log(rate over the last half) / log(1 − μ/β), slowest run (linear to the end)",
-                    slowest, 1.0, math.inf),
+        check_range(f"{label}log(rate over the last half) / log(1 − μ/β), slowest run (linear to "
+                    "the end)", slowest, 1.0, math.inf),
     ]  # fmt: skip
-    data["late_rate_exponents"] = exponents
-    return data, checks
 
 
 def figures(result: ExperimentResult) -> dict[str, Figure]:
-    """``convergence``: L(w_t) with its envelope, ‖w_t − w₀‖ with R, and ρ(w_t)/μ, per width."""
-    data, setting = result.data, result.data["setting"]
+    """``convergence`` (digits) and ``hypothesis-holds``: L(w_t) with its envelope, ‖w_t − w₀‖
+    with R and r_μ, and ρ(w_t)/μ, per width."""
+    data = result.data
+    drawn = {
+        "convergence": _convergence_figure(data, "digits, μ = λ_min(K(w₀)), β = λ_max(H_L(w₀))")
+    }
+    if data.get(HOLDS, {}).get("curves"):
+        drawn["hypothesis-holds"] = _convergence_figure(
+            data[HOLDS], "points on a sphere, μ = λ₀/2, β the largest λ_max(H_L) on B(w₀, R)"
+        )
+    return drawn
+
+
+def _convergence_figure(data: dict[str, Any], setting_text: str) -> Figure:
+    setting = data["setting"]
     curves = {int(w): c for w, c in data["curves"].items()}
     colors = width_colors(list(curves))
     fig, (loss_ax, distance_ax, rho_ax) = figure(3, width=5.0)
@@ -155,13 +285,11 @@ def figures(result: ExperimentResult) -> dict[str, Figure]:
                 title="loss (solid) and envelope (1 − μ/β)^t·L₀ (dashed)")  # fmt: skip
     distance_ax.set(xlabel="GD step t", ylabel="‖w_t − w₀‖",
                     title="distance from w₀ (solid), R = 2√(2βL₀)/μ (dashed) and the PL* region "
-                    "r_{λ₀/2} (dotted)")  # fmt: skip
-    rho_ax.set(
-        xlabel="GD step t", ylabel="ρ(w_t) / μ", title="PL ratio along the path, μ = λ_min(K(w₀))"
-    )
+                    "r_μ found (dotted)")  # fmt: skip
+    rho_ax.set(xlabel="GD step t", ylabel="ρ(w_t) / μ", title="PL ratio along the path")
     loss_ax.legend(fontsize="small")
     fig.suptitle(
-        f"Linear convergence of GD with η = 1/β: n = {setting['n']} digits, "
+        f"Linear convergence of GD with η = 1/β: n = {setting['n']} {setting_text}, "
         f"depth-{setting['depth']} NTK tanh MLP, first seed"
     )
-    return {"convergence": fig}
+    return fig

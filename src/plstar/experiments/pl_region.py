@@ -109,6 +109,29 @@ def gradient_descent(
         assign_parameters(model, w0)
 
 
+def sphere_problem(n: int, d: int, seed: int) -> tuple[Tensor, Tensor, int]:
+    """(x (n, d), y (n, 1), model seed): n Gaussian points scaled onto the sphere of radius √d
+    (near-orthogonal for n ≪ d), y ~ N(0, 1), float64, from ``seed``."""
+    x, y, model_seed = gaussian_problem(n, d, 1, seed)
+    return x / x.norm(dim=1, keepdim=True) * math.sqrt(d), y, model_seed
+
+
+def sample_ball(
+    search: RegionSearch, y: Tensor, radii: tuple[float, ...], directions: tuple[Tensor, ...]
+) -> list[dict[str, float]]:
+    """At w₀ + r·u for every radius r and unit direction u: ‖H_F‖, λ_max(H_L) and λ_min(K), each
+    as a dict {"r", "hessian_norm", "sharpness", "lambda_min"}; the model is left at w₀."""
+    points = []
+    try:
+        for u in directions:
+            for r in radii:
+                eps, beta, lam = _curvature(search, y, search.w0 + r * u)
+                points.append({"r": r, "hessian_norm": eps, "sharpness": beta, "lambda_min": lam})
+    finally:
+        assign_parameters(search.model, search.w0)
+    return points
+
+
 def _curvature(search: RegionSearch, y: Tensor, w: Tensor) -> tuple[float, float, float]:
     """(‖H_F(w)‖ over all outputs, λ_max(H_L(w)), λ_min(K(w))); Lanczos to 10⁻³ relative
     residual (a slope or a bound needs no more), at most 20 and 30 products."""
@@ -122,8 +145,7 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     """One (family, width, seed). Cost here (2 cores), depth 2, d = 64: 3 s at width 1024, 9 s at
     4096, 50 s at 16384 (m ≈ 1.1 M), mostly the Lanczos runs for ‖H_F‖ and λ_max(H_L)."""
     n, d, ball = config["n"], config["d"], config["ball"]
-    x, y, model_seed = gaussian_problem(n, d, 1, config["seed"])
-    x = x / x.norm(dim=1, keepdim=True) * math.sqrt(d)
+    x, y, model_seed = sphere_problem(n, d, config["seed"])
     model, images = build(config["family"], d, config["width"], model_seed)
     if images:
         x = x.reshape(n, 4, math.isqrt(d // 4), -1)
@@ -152,11 +174,7 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     r_mu = min(f["r"] for f in found.values())
     # the fixed ball: sup ‖H_F‖, sup λ_max(H_L), λ_min(K) against the Hessian-control bounds
     gradient_direction = -gradient0.to(DTYPE) / gradient0.norm()
-    points = []
-    for u in (toward_adv, gradient_direction, randoms[0]):
-        for r in (ball / 2, ball):
-            eps, beta, lam = _curvature(search, y, w0 + r * u)
-            points.append({"r": r, "hessian_norm": eps, "sharpness": beta, "lambda_min": lam})
+    points = sample_ball(search, y, (ball / 2, ball), (toward_adv, gradient_direction, randoms[0]))
     sup_eps = max([eps0, *(p["hessian_norm"] for p in points)])
     beta_ball = max([beta0, *(p["sharpness"] for p in points)])
     radius = theory.gd_radius(beta_ball, mu, float(loss0))
