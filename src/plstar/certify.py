@@ -29,6 +29,7 @@ from plstar import theory
 from plstar.conditions import DENSE_SPECTRUM_LIMIT, analyze, json_safe
 from plstar.curvature import loss_gradient, loss_sharpness, model_hessian_norm
 from plstar.curvature import per_sample_smoothness as per_sample_smoothness  # re-exported
+from plstar.devices import HOST, host_normal
 from plstar.errors import PlstarInputError
 from plstar.functional import (
     OutputSelector,
@@ -120,9 +121,9 @@ def lambda_min_descent(
     u = torch.linalg.eigh(tangent_kernel(model, x, **common))[1][:, 0]
     v = fmodel.unflatten(KernelOperator(model, x, **common).transpose_product(u))
     u_rows = u.reshape(n, k).to(fmodel.dtype)
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    budget = memory_budget if memory_budget is not None else default_memory_budget(fmodel.device)
     block = max(1, min(n, budget // (6 * activation_bytes_per_sample(fmodel, xs))))
-    total = torch.zeros(fmodel.m, dtype=torch.float64)
+    total = torch.zeros(fmodel.m, dtype=torch.float64, device=fmodel.device)
     for rows in chunks(n, block):
 
         def pairing(params: dict[str, Tensor], rows: slice = rows) -> Tensor:
@@ -233,10 +234,10 @@ def _directions(
     descent = lambda_min_descent(model, x, **common)
     if descent is not None:
         found.append(("lambda_min descent", descent))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=HOST).manual_seed(seed)
     m = gradient.numel()
     for i in range(samples):
-        d = torch.randn(m, generator=generator, dtype=torch.float64)
+        d = host_normal((m,), generator, gradient.device)
         found.append((f"random {i + 1}", d / d.norm()))
     return found
 

@@ -282,7 +282,13 @@ def analyze(
         used = plan.implementation
         kernel = timed("kernel spectrum", lambda: spectrum(K, input_precision=eps_model))
         top = lanczos(
-            lambda v: (K @ v.T).T, K.shape[0], max_iter=100, tol=1e-10, seed=seed, converge="max"
+            lambda v: (K @ v.T).T,
+            K.shape[0],
+            max_iter=100,
+            tol=1e-10,
+            seed=seed,
+            converge="max",
+            device=K.device,
         )
         top_vector = top.vector_max[0]
         del K
@@ -297,7 +303,13 @@ def analyze(
             "kernel spectrum", lambda: spectrum(op, input_precision=eps_model, tol=1e-8, seed=seed)
         )
         top = lanczos(
-            lambda v: (op @ v.T).T, op.shape[0], max_iter=60, tol=1e-8, seed=seed, converge="max"
+            lambda v: (op @ v.T).T,
+            op.shape[0],
+            max_iter=60,
+            tol=1e-8,
+            seed=seed,
+            converge="max",
+            device=op.device,
         )
         top_vector = top.vector_max[0]
     rho = timed("pl ratio", lambda: pl_ratio(model, x, y2, **common)) if loss0 > 0 else math.nan

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
+from plstar.devices import model_device
 from plstar.functional import (
     FunctionalModel,
     OutputSelector,
@@ -85,7 +86,7 @@ def _setup(
 def _sample_block(
     fmodel: FunctionalModel, x: Tensor, memory_budget: int | None, factor: int
 ) -> int:
-    budget = check_budget(memory_budget) or default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget(fmodel.device)
     per_sample = factor * activation_bytes_per_sample(fmodel, x)
     return int(max(1, min(x.shape[0], budget // per_sample)))
 
@@ -177,7 +178,8 @@ def loss_hvp(
     block = _sample_block(fmodel, x, memory_budget, 6)
 
     def one(vector: Tensor) -> Tensor:
-        tangent, total = fmodel.unflatten(vector), torch.zeros(fmodel.m, dtype=torch.float64)
+        tangent = fmodel.unflatten(vector)
+        total = torch.zeros(fmodel.m, dtype=torch.float64, device=fmodel.device)
         for rows in chunks(x.shape[0], block):
             gradient = grad(lambda p, rows=rows: loss_value(fmodel, p, x[rows], y[rows]))
             total += fmodel.flatten(jvp(gradient, (fmodel.params,), (tangent,))[1]).double()
@@ -215,9 +217,12 @@ def loss_sharpness(
     tol, seed = positive_tolerance("tol", tol), check_seed(seed)
     max_iter = whole_number("max_iter", max_iter, minimum=1)
     m, hvp = loss_hvp(model, x, y, memory_budget=memory_budget, output=output)
-    budget = check_budget(memory_budget) or default_memory_budget()
+    device = model_device(model)
+    budget = check_budget(memory_budget) or default_memory_budget(device)
     max_iter = _iterations_within(budget, m, max_iter)
-    result = lanczos(hvp, m, 1, v0=v0, max_iter=max_iter, tol=tol, seed=seed, converge="max")
+    result = lanczos(
+        hvp, m, 1, v0=v0, max_iter=max_iter, tol=tol, seed=seed, converge="max", device=device
+    )
     value, error = float(result.theta_max[0]), float(result.residual_max[0])
     return EigenEstimate(
         value=value,
@@ -272,7 +277,7 @@ def model_hessian_norm(
     fmodel, x = _setup(model, x, output)
     total = x.shape[0] * fmodel.k
     chosen = select_outputs(total, outputs, seed)
-    budget = check_budget(memory_budget) or default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget(fmodel.device)
     run = OutputLanczos(fmodel, x, _iterations_within(budget, fmodel.m, max_iter), tol, seed)
     end = None if time_budget is None else started + time_budget
     norms, errors, products, examined = run(chosen, budget, end)
@@ -307,9 +312,9 @@ def per_sample_smoothness(
     y2 = check_targets(fmodel, x, y)
     xs = x.to(fmodel.dtype) if x.is_floating_point() else x
     n, k = x.shape[0], fmodel.k
-    budget = check_budget(memory_budget) or default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget(fmodel.device)
     block = max(1, min(n, budget // (3 * 8 * k * fmodel.m)))
-    gauss_newton, residual = torch.empty(2, n, dtype=torch.float64)
+    gauss_newton, residual = torch.empty(2, n, dtype=torch.float64, device=fmodel.device)
     for rows in chunks(n, block):
         jac = jacobian_matrix(fmodel, xs[rows], torch.float64).reshape(-1, k, fmodel.m)
         gauss_newton[rows] = torch.linalg.eigvalsh(jac @ jac.transpose(1, 2))[:, -1]

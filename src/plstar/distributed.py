@@ -35,6 +35,7 @@ from plstar import conditions, structured
 from plstar import distributed_comm as comm
 from plstar import distributed_features as features_
 from plstar.conditions import Analysis
+from plstar.devices import model_device
 from plstar.distributed_comm import (
     DistributedError,
     broadcast_parameters,
@@ -106,13 +107,14 @@ class DistributedKernel:
         return slice(start, start + self.counts[rank] * self.k)
 
     def __matmul__(self, v: Tensor) -> Tensor:
-        """K v for v (N,) or (N, b), the same on every rank; the result likewise, on v's device.
+        """K v for v (N,) or (N, b), the same on every rank; the result likewise, on v's device
+        (a numpy v: on this rank's device).
 
         store="rows": one all-reduce of N·b + 1 numbers (this rank's rows of K v, zeros elsewhere,
         and a failure flag): every entry has one non-zero term, so the sum is exact. store=
         "features": first an all-reduce of the pulled DFᵀv (m·b numbers), then that one.
         """
-        v = torch.as_tensor(v)
+        v = v if isinstance(v, Tensor) else torch.as_tensor(v, device=self.device)
         columns = v.reshape(self.shape[0], -1)
         mine, width = self.row_range, columns.shape[1]
         if self.rows is not None:
@@ -181,7 +183,7 @@ def tangent_kernel(
     dtype = floating_dtype("dtype", dtype)
     callback("progress", progress)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    budget = check_budget(memory_budget) or default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget(model_device(model))
     fmodel, local, counts = comm.shard_of(model, x, sharded, group, output)
     offsets = [sum(counts[:r]) for r in range(world + 1)]
     found: list = []
@@ -374,5 +376,5 @@ def _kernel_part(
     iterations, tol = (60, 1e-8) if operator_path else (100, 1e-10)
     top = guarded("top eigenvector", lambda: lanczos(
         lambda v: (kernel @ v.T).T, kernel.shape[0], max_iter=iterations, tol=tol, seed=seed,
-        converge="max"), group)  # fmt: skip
+        converge="max", device=kernel.device), group)  # fmt: skip
     return found, top.vector_max[0], kernel.implementation

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from plstar.devices import result_device
 from plstar.distributed_features import (
     Layout,
     empty_buffers,
@@ -300,8 +301,9 @@ def gather_rows(
     rows: Tensor, counts: list[int], k: int, dst: int, limit: int,
     group: dist.ProcessGroup | None,
 ) -> Tensor | None:  # fmt: skip
-    """Every rank's row block stacked on rank ``dst`` (on the CPU), None elsewhere; refused on
-    every rank when the N × N result would exceed ``limit`` bytes on ``dst``."""
+    """Every rank's row block stacked on rank ``dst`` (on its rows' device when K fits there, else
+    in host memory: :func:`plstar.devices.result_device`), None elsewhere; refused on every rank
+    when the N × N result would exceed ``limit`` bytes on ``dst``."""
     rank, device, size = dist.get_rank(group), comm_device(group), sum(counts) * k
 
     def check() -> None:
@@ -316,18 +318,19 @@ def gather_rows(
         if rank != dst:
             dist.send(rows.to(device).contiguous(), global_rank(group, dst), group=group)
             return None
-        out = torch.empty(size, size, dtype=rows.dtype)
+        where = result_device(rows.device, size * size * rows.element_size(), 0)
+        out = torch.empty(size, size, dtype=rows.dtype, device=where)
         start = 0
         for source, count in enumerate(counts):
             stop = start + count * k
             if source == rank:
-                out[start:stop] = rows.cpu()
-            elif device.type == "cpu":
+                out[start:stop] = rows
+            elif device == where:
                 dist.recv(out[start:stop], global_rank(group, source), group)
-            else:  # NCCL receives on the GPU
+            else:  # received where the collectives run (NCCL: the GPU), then copied
                 buffer = torch.empty(stop - start, size, dtype=rows.dtype, device=device)
                 dist.recv(buffer, global_rank(group, source), group)
-                out[start:stop] = buffer.cpu()
+                out[start:stop] = buffer
             start = stop
         return out
 

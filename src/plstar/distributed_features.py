@@ -48,10 +48,7 @@ class Layout:
 
     def bytes(self, samples: int) -> int:
         """Bytes of a feature set of ``samples`` samples (what one ring step sends)."""
-        return sum(
-            n * torch.empty((), dtype=getattr(torch, d)).element_size()
-            for d, n in self.elements(samples).items()
-        )
+        return sum(n * getattr(torch, d).itemsize for d, n in self.elements(samples).items())
 
 
 def _tensors(features: BlockFeatures) -> list[Tensor]:

@@ -313,6 +313,7 @@ def make_functional(
         if not p.is_floating_point():
             raise IllDefinedModelError(f"parameter {name} is not floating point ({p.dtype})")
         check_finite(f"parameter {name}", p)
+    check_device("x", x, params)
     first_name = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     aliases = tuple(
         (path, first_name[id(p)])
@@ -325,9 +326,27 @@ def make_functional(
     return FunctionalModel(model, params, buffers, k, aliases, select)
 
 
+def check_device(name: str, tensor: Tensor, params: dict[str, Tensor]) -> None:
+    """Refuse parameters spread over several devices, and data on another device than them: plstar
+    computes where the model lives and never moves data across the bus behind the user's back."""
+    devices = {p.device for p in params.values()}
+    if len(devices) > 1:
+        raise PlstarInputError(
+            f"the model's parameters lie on several devices ({', '.join(sorted(map(str, devices)))})"
+            "; plstar measures a model on one device: move it there with model.to(device)"
+        )
+    (device,) = devices
+    if tensor.device != device:
+        raise DataError(
+            f"{name} is on {tensor.device} but the model's parameters are on {device}: move it "
+            f"with {name}.to({str(device)!r}) (plstar computes on the model's device)"
+        )
+
+
 def check_targets(fmodel: FunctionalModel, x: Tensor, y: Tensor) -> Tensor:
     """Validate targets against the model's outputs and return them as (n, k) in the model dtype."""
     y = check_data("y", y)
+    check_device("y", y, fmodel.params)
     n = x.shape[0]
     if y.shape[0] != n:
         raise DataError(f"x has {n} samples but y has shape {tuple(y.shape)}")

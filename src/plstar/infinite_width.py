@@ -135,7 +135,7 @@ def _expand(kernel: Tensor, outputs: int) -> Tensor:
     """K ⊗ I_k in the sample-major layout: (n, n2) -> (n·k, n2·k)."""
     if outputs == 1:
         return kernel
-    return torch.kron(kernel, torch.eye(outputs, dtype=kernel.dtype))
+    return torch.kron(kernel, torch.eye(outputs, dtype=kernel.dtype, device=kernel.device))
 
 
 def infinite_width_ntk(

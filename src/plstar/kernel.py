@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from plstar import structured
+from plstar.devices import model_device, result_device
 from plstar.entry_check import remembered_probe, sized_probe, verified_probe
 from plstar.errors import DataError, PlstarInputError
 from plstar.factors import row_products
@@ -101,6 +102,13 @@ def mirror_upper_triangle_(matrix: Tensor, strip: int = 1024) -> Tensor:
     return matrix
 
 
+def _result(x: Tensor, x2: Tensor, k: int, dtype: torch.dtype, plan: KernelPlan) -> Tensor:
+    """The empty (n·k, n2·k) kernel, on the inputs' device unless it does not fit there beside the
+    plan's working memory (then in host memory: :func:`plstar.devices.result_device`)."""
+    device = result_device(x.device, plan.result_bytes, plan.planned_bytes)
+    return torch.empty(x.shape[0] * k, x2.shape[0] * k, dtype=dtype, device=device)
+
+
 def _assemble(
     x: Tensor,
     x2: Tensor,
@@ -115,7 +123,7 @@ def _assemble(
     """K block by block: features of each sample block, contracted pairwise (upper blocks only
     when symmetric, then mirrored); column features are kept when the plan says they fit, else
     recomputed."""
-    out = torch.empty(x.shape[0] * k, x2.shape[0] * k, dtype=dtype)
+    out = _result(x, x2, k, dtype, plan)
     row_blocks = list(chunks(x.shape[0], plan.row_block))
     col_blocks = list(chunks(x2.shape[0], plan.row_block if symmetric else plan.col_block))
     kept: dict[int, Any] = {}
@@ -169,7 +177,7 @@ def _ntvp_kernel(
     """K[:, J] = DF(x)·J_Jᵀ column block by column block; when symmetric, only the blocks that
     meet the upper triangle, which is then mirrored."""
     k = fmodel.k
-    out = torch.empty(x.shape[0] * k, x2.shape[0] * k, dtype=dtype)
+    out = _result(x, x2, k, dtype, plan)
     col_blocks = list(chunks(x2.shape[0], plan.col_block))
     row_blocks = list(chunks(x.shape[0], plan.row_block))
     pairs = [
@@ -291,7 +299,7 @@ def planned_tangent_kernel(
     """:func:`tangent_kernel` and the plan that made it (the implementation "auto" chose)."""
     implementation = choice("implementation", implementation, IMPLEMENTATIONS)  # type: ignore[assignment]
     dtype = floating_dtype("dtype", dtype)
-    budget = check_budget(memory_budget) or default_memory_budget()
+    budget = check_budget(memory_budget) or default_memory_budget(model_device(model))
     callback("progress", progress)
     fmodel, x, x2_ = prepare_inputs(model, x, x2, budget, output)
     symmetric = x2 is None

@@ -17,6 +17,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
+from plstar.devices import HOST, host_normal
 from plstar.errors import PlstarInputError
 from plstar.validation import choice, positive_tolerance, real_number, whole_number
 from plstar.validation import seed as check_seed
@@ -40,19 +41,20 @@ def _extreme_ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, 
 
 
 def _start_vectors(
-    v0: Tensor | None, batch: int, dim: int, generator: torch.Generator
+    v0: Tensor | None, batch: int, dim: int, generator: torch.Generator, device: torch.device
 ) -> tuple[Tensor, list[bool]]:
-    """Unit start vectors (B, N) and which came from ``v0``: ``v0`` where given, non-zero and
-    finite, random elsewhere (a zero start, e.g. a vanishing warm start DFᵀu, spans nothing)."""
-    q = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
-    usable = torch.zeros(batch, dtype=torch.bool)
+    """Unit start vectors (B, N) on ``device`` and which came from ``v0``: ``v0`` where given,
+    non-zero and finite, random elsewhere (a zero start, e.g. a vanishing warm start DFᵀu, spans
+    nothing)."""
+    q = host_normal((batch, dim), generator, device)
+    usable = torch.zeros(batch, dtype=torch.bool, device=device)
     if v0 is not None:
         if not isinstance(v0, Tensor) or v0.numel() != batch * dim:
             raise PlstarInputError(
                 f"v0 must be a tensor with {batch * dim} entries (batch × dim), got "
                 f"{getattr(v0, 'shape', type(v0).__name__)}"
             )
-        given = v0.detach().to(torch.float64).reshape(batch, dim).cpu()
+        given = v0.detach().to(device, torch.float64).reshape(batch, dim)
         usable = torch.isfinite(given).all(dim=1) & (given.norm(dim=1) > 0)
         q = torch.where(usable[:, None], given, q)
     return q / q.norm(dim=1, keepdim=True), usable.tolist()
@@ -62,7 +64,7 @@ def _fresh_direction(basis: Tensor, generator: torch.Generator) -> Tensor | None
     """A random unit vector orthogonal to the rows of ``basis`` (j, N), or None when they span."""
     if basis.shape[0] >= basis.shape[1]:
         return None
-    v = torch.randn(basis.shape[1], generator=generator, dtype=torch.float64)
+    v = host_normal((basis.shape[1],), generator, basis.device)
     for _ in range(2):
         v -= basis.T @ (basis @ v)
     norm = float(v.norm())
@@ -88,6 +90,7 @@ def lanczos(
     seed: int = 0,
     converge: Literal["both", "max"] = "both",
     deadline: float | None = None,
+    device: torch.device | str | None = None,
 ) -> LanczosResult:
     """Lanczos with full reorthogonalisation on ``batch`` independent symmetric operators at once.
 
@@ -102,7 +105,10 @@ def lanczos(
     non-finite row is replaced by a random vector. ``deadline`` (a ``time.perf_counter()``
     value) also stops it, after at least one product, before a step as long as the last would
     end past it; the residuals say how far from converged it stopped. The residuals ‖A y − θ y‖ are formed from the stored products A q_j, so
-    they cost no product. Memory: 2 · max_iter · B · N float64 (the basis and its images).
+    they cost no product. Memory: 2 · max_iter · B · N float64 (the basis and its images), on
+    ``device`` (default: v0's, else the host), where ``matvec`` receives its vectors and every
+    result lies; the start vectors are drawn on the host from ``seed`` (the same on every device)
+    and the tridiagonal problems solved there.
     """
     dim = whole_number("dim", dim, minimum=1)
     batch = whole_number("batch", batch, minimum=1)
@@ -110,23 +116,27 @@ def lanczos(
     tol = positive_tolerance("tol", tol)
     converge = choice("converge", converge, ("both", "max"))  # type: ignore[assignment]
     deadline = None if deadline is None else real_number("deadline", deadline)
-    generator = torch.Generator().manual_seed(check_seed(seed))
-    q, restartable = _start_vectors(v0, batch, dim, generator)
-    basis = torch.empty(max_iter, batch, dim, dtype=torch.float64)  # filled in place, never copied
+    if device is None:
+        device = v0.device if isinstance(v0, Tensor) else HOST
+    device = torch.device(device)
+    generator = torch.Generator(device=HOST).manual_seed(check_seed(seed))
+    q, restartable = _start_vectors(v0, batch, dim, generator, device)
+    # filled in place, never copied
+    basis = torch.empty(max_iter, batch, dim, dtype=torch.float64, device=device)
     # The products A q_j are kept too: a Ritz vector's image is then a combination of them, and
     # its residual is exact without spending another product.
-    images = torch.empty(max_iter, batch, dim, dtype=torch.float64)
+    images = torch.empty(max_iter, batch, dim, dtype=torch.float64, device=device)
     alphas: list[list[float]] = [[] for _ in range(batch)]
     betas: list[list[float]] = [[] for _ in range(batch)]
     part_start = [0] * batch  # where the Krylov space of the latest (re)start begins
-    active = torch.ones(batch, dtype=torch.bool)
-    scale = torch.zeros(batch, dtype=torch.float64)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    scale = torch.zeros(batch, dtype=torch.float64, device=device)
     used = 0
     for j in range(max_iter):
         step_started = time.perf_counter()
         basis[j] = q
         used = j + 1
-        w = matvec(q).to(torch.float64).reshape(batch, dim)
+        w = matvec(q).to(device, torch.float64).reshape(batch, dim)
         images[j] = w
         alpha = (q * w).sum(dim=1)
         previous = basis[:used]
@@ -167,15 +177,14 @@ def lanczos(
         if not bool(active.any()) or (deadline is not None and 2 * now - step_started >= deadline):
             break
         q = torch.where(active[:, None], following, torch.zeros_like(w))
-    vec_max = torch.zeros(batch, dim, dtype=torch.float64)
-    theta_min = torch.zeros(batch, dtype=torch.float64)
-    theta_max = torch.zeros(batch, dtype=torch.float64)
-    residual_min = torch.zeros(batch, dtype=torch.float64)
-    residual_max = torch.zeros(batch, dtype=torch.float64)
+    vec_max = torch.zeros(batch, dim, dtype=torch.float64, device=device)
+    theta_min, theta_max, residual_min, residual_max = torch.zeros(
+        4, batch, dtype=torch.float64, device=device
+    )
     for b in range(batch):
         theta, s = _extreme_ritz(alphas[b], betas[b])
         length = len(alphas[b])
-        coeff = torch.from_numpy(np.ascontiguousarray(s[:, [0, -1]]))
+        coeff = torch.from_numpy(np.ascontiguousarray(s[:, [0, -1]])).to(device)
         ritz = basis[:length, b, :].T @ coeff  # (N, 2) unit Ritz vectors
         image = images[:length, b, :].T @ coeff  # their images A y
         theta_min[b], theta_max[b] = float(theta[0]), float(theta[-1])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from plstar import structured
+from plstar.devices import model_device
 from plstar.entry_check import verified_probe
 from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, Params, chunks, differentiable_attention
@@ -57,7 +58,7 @@ class KernelOperator:
     ) -> None:
         choice("implementation", implementation, ("auto", "structured", "ntvp"))
         self.dtype = floating_dtype("dtype", dtype)
-        budget = check_budget(memory_budget) or default_memory_budget()
+        budget = check_budget(memory_budget) or default_memory_budget(model_device(model))
         self.fmodel, self.x, _ = prepare_inputs(model, x, None, budget, output)
         n, k = self.x.shape[0], self.fmodel.k
         self.shape = (n * k, n * k)
@@ -66,6 +67,11 @@ class KernelOperator:
         self.products = 0
         self.features = self._structured_features(implementation, budget)
         self.implementation = "ntvp" if self.features is None else "structured"
+
+    @property
+    def device(self) -> torch.device:
+        """Where products are computed and returned: the model's device."""
+        return self.fmodel.device
 
     def _structured_features(
         self, implementation: str, budget: int
@@ -126,7 +132,7 @@ class KernelOperator:
         With v the top eigenvector of K this is the top eigenvector of the Gauss–Newton matrix
         DFᵀDF, the warm start for the loss sharpness.
         """
-        v = torch.as_tensor(v)
+        v = torch.as_tensor(v, device=self.device)
         columns = v.reshape(self.shape[0], -1).T
         n, k = self.x.shape[0], self.fmodel.k
         with torch.no_grad():
@@ -135,7 +141,7 @@ class KernelOperator:
         return flat[0] if v.ndim == 1 else flat.T
 
     def __matmul__(self, v: Tensor) -> Tensor:
-        v = torch.as_tensor(v)
+        v = torch.as_tensor(v, device=self.device)
         single = v.ndim == 1
         columns = v.reshape(self.shape[0], -1).T  # (b, n·k)
         n, k = self.x.shape[0], self.fmodel.k
@@ -158,7 +164,8 @@ class KernelOperator:
         """This operator as a float64 scipy ``LinearOperator`` (for eigsh, cg, …)."""
 
         def matmat(v: np.ndarray) -> np.ndarray:
-            return (self @ torch.from_numpy(np.asarray(v, dtype=np.float64))).double().numpy()
+            product = self @ torch.from_numpy(np.asarray(v, dtype=np.float64)).to(self.device)
+            return product.double().cpu().numpy()
 
         return LinearOperator(
             self.shape,

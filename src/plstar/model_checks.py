@@ -315,7 +315,7 @@ def check_forward(fmodel: FunctionalModel, x: Tensor, memory_budget: int | None 
             )
         alone = [first, *(runner.outputs(slice(i, i + 1)) for i in range(1, s))]
         _refuse_coupling(torch.cat(alone), small, f"in a batch of {s}", tolerance)
-        size = default_memory_budget() if memory_budget is None else memory_budget
+        size = default_memory_budget(copies.device) if memory_budget is None else memory_budget
         per_sample = activation_bytes_per_sample(copies, runner.cast(slice(0, 1)))
         block = max(s, min(n, size // per_sample))
         for start in range(0, n, block):

@@ -25,6 +25,7 @@ from plstar import theory
 from plstar.certify import flat_parameters, kernel_spectrum, lambda_min_within_precision
 from plstar.conditions import json_safe
 from plstar.curvature import loss_gradient, loss_sharpness
+from plstar.devices import HOST, host_permutation
 from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback, check_targets, make_functional
 from plstar.kernel import tangent_kernel
@@ -172,10 +173,11 @@ class Monitor:
         self.w0 = flat_parameters(model)
         # A fixed subsample, so that K_t is compared with K₀ entry by entry along the path.
         if self.n <= kernel_samples:
-            self.subsample = torch.arange(self.n)
+            self.subsample = torch.arange(self.n, device=x.device)
         else:
-            generator = torch.Generator().manual_seed(seed)
-            self.subsample = torch.randperm(self.n, generator=generator)[:kernel_samples].sort()[0]
+            generator = torch.Generator(device=HOST).manual_seed(seed)
+            chosen = host_permutation(self.n, generator, x.device)[:kernel_samples]
+            self.subsample = chosen.sort()[0]
         # one tensor for every record, so the model's data check is remembered for it
         self._kernel_x = x[self.subsample]
         self._kernel0 = tangent_kernel(

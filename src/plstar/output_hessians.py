@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from plstar.devices import HOST
 from plstar.errors import PlstarInputError
 from plstar.functional import FunctionalModel, Params, differentiable_attention
 from plstar.lanczos import lanczos
@@ -33,7 +34,7 @@ def select_outputs(total: int, outputs: int | list[int] | Tensor | None, seed: i
             return np.arange(total)
         return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
     try:
-        given = torch.as_tensor(outputs).cpu()
+        given = torch.as_tensor(outputs, device=HOST)  # indices: chosen on the host
     except (TypeError, ValueError, RuntimeError):
         given = None
     if (
@@ -85,7 +86,7 @@ class OutputLanczos:
             indices = chosen[first : first + batch]
             result = lanczos(
                 self._matvec(indices), fm.m, len(indices), max_iter=steps, tol=self.tol,
-                seed=self.seed, deadline=end,
+                seed=self.seed, deadline=end, device=fm.device,
             )  # fmt: skip
             per_product = (time.perf_counter() - started) / result.iterations
             top_is_max = result.theta_max.abs() >= result.theta_min.abs()

@@ -7,7 +7,6 @@ guessed from layer types, so the plan fits any module. docs/performance.md gives
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +16,7 @@ from torch import Tensor
 from plstar import structured
 from plstar.costs import SampleCosts, sample_costs
 from plstar.costs import activation_bytes_per_sample as activation_bytes_per_sample
+from plstar.devices import device_budget, physical_memory
 from plstar.entry_check import verified_probe
 from plstar.factors import GRAM_SLOWDOWN
 from plstar.functional import FunctionalModel
@@ -27,17 +27,17 @@ IMPLEMENTATIONS: tuple[str, ...] = ("auto", "structured", "jacobian", "ntvp")
 _MAX_DEFAULT_BUDGET = 2 * 1024**3
 
 
-def default_memory_budget() -> int:
-    """Working memory plstar plans for: a quarter of physical RAM, at most 2 GiB (bytes).
+def default_memory_budget(device: torch.device | str | None = None) -> int:
+    """Working memory plstar plans for (bytes): on a GPU half its free memory
+    (:func:`plstar.devices.device_budget`); on the host a quarter of physical RAM, at most 2 GiB.
 
     Physical rather than "free" RAM: free pages exclude the page cache, which the OS gives back on
     demand, and would make plans (and timings) depend on what ran before.
     """
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        physical = 8 * 1024**3
-    return int(min(0.25 * physical, _MAX_DEFAULT_BUDGET))
+    on_device = None if device is None else device_budget(torch.device(device))
+    if on_device is not None:
+        return on_device
+    return int(min(0.25 * physical_memory(), _MAX_DEFAULT_BUDGET))
 
 
 @dataclass(frozen=True)
@@ -188,8 +188,8 @@ class _Sizes:
         cls, fmodel: FunctionalModel, n: int, n2: int, dtype: torch.dtype, costs: SampleCosts,
         symmetric: bool,
     ) -> _Sizes:  # fmt: skip
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        model_itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
+        itemsize = dtype.itemsize
+        model_itemsize = fmodel.dtype.itemsize
         k = fmodel.k
         return cls(n, n2, k, fmodel.m, dtype, itemsize, model_itemsize, costs, symmetric,
                    n * k * n2 * k * itemsize)  # fmt: skip

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from plstar.devices import HOST
 from plstar.functional import FunctionalModel
 from plstar.layer_rules import rule_for
 
@@ -93,12 +94,12 @@ def record_calls(
             except Exception as error:  # a call the rule cannot recompute: rows for this module
                 made = f"its rule could not recompute the call ({type(error).__name__}: {error})"
             if isinstance(made, str):
-                empty = torch.empty(0)
+                empty = torch.empty(0, device=HOST)  # a placeholder: no data, nowhere to follow
                 calls.append(LayerCall(name, module, empty, empty, problem=made))
                 return None
             a, output, replaced = made
         if not isinstance(a, Tensor) or not isinstance(output, Tensor):
-            empty = torch.empty(0)
+            empty = torch.empty(0, device=HOST)
             calls.append(LayerCall(name, module, empty, empty, problem="it is not called on a "
                                    "tensor and returning one"))  # fmt: skip
             return None

@@ -29,6 +29,7 @@ from plstar import theory
 from plstar.certify import assign_parameters, certify, flat_parameters, lambda_min_descent
 from plstar.conditions import json_safe
 from plstar.curvature import loss_gradient
+from plstar.devices import HOST, host_normal
 from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback
 from plstar.kernel import tangent_kernel
@@ -184,11 +185,11 @@ def pl_region(
     assign_parameters(model, search.w0)
     search.mu = mu_ = lambda0 / 2 if mu is None else float(mu)
     reach = float(search.w0.norm()) or 1.0
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=HOST).manual_seed(seed)
     scans = [("toward zero", -search.w0 / reach, reach), *[(n, u, 2 * reach) for n, u in
              directions or []]]  # fmt: skip
     for i in range(random_directions):
-        u = torch.randn(search.w0.shape, generator=generator, dtype=torch.float64)
+        u = host_normal(search.w0.shape, generator, search.w0.device)
         scans.append((f"random {i + 1}", u / u.norm(), 2 * reach))
     total = len(scans) + 1
     crossings = [search.descent_path()]

@@ -27,6 +27,7 @@ from scipy import sparse as sp_sparse
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 from torch import Tensor
 
+from plstar.devices import HOST
 from plstar.errors import PlstarInputError
 from plstar.lanczos import lanczos
 from plstar.validation import choice, positive_tolerance, real_number, whole_number
@@ -155,7 +156,14 @@ def _cholesky_lanczos(
     """
     size = a.shape[0]
     top = lanczos(
-        lambda v: (a @ v.T).T, size, 1, max_iter=200, tol=1e-12, seed=seed, converge="max"
+        lambda v: (a @ v.T).T,
+        size,
+        1,
+        max_iter=200,
+        tol=1e-12,
+        seed=seed,
+        converge="max",
+        device=a.device,
     )
     hi = float(top.theta_max[0])
     floor = size * EPS64 * abs(hi) + asymmetry + input_precision * abs(hi)
@@ -168,7 +176,7 @@ def _cholesky_lanczos(
         # Factor the column-major view in place (LAPACK's layout), so no third N×N copy is made;
         # the copy is symmetric, so the view is the same matrix. L lands in the view's lower part.
         factor = shifted.mT
-        info = torch.empty((), dtype=torch.int32)
+        info = torch.empty((), dtype=torch.int32, device=a.device)
         torch.linalg.cholesky_ex(factor, out=(factor, info))
         if int(info) != 0:
             return None
@@ -178,7 +186,9 @@ def _cholesky_lanczos(
             half = torch.linalg.solve_triangular(factor, v.T, upper=False)
             return torch.linalg.solve_triangular(factor.mT, half, upper=True).T
 
-        inverse = lanczos(solve, size, 1, max_iter=200, tol=1e-13, seed=seed, converge="max")
+        inverse = lanczos(
+            solve, size, 1, max_iter=200, tol=1e-13, seed=seed, converge="max", device=a.device
+        )
         del factor, shifted
         y = inverse.vector_max[0]
         lo = floor + 1.0 / float(inverse.theta_max[0])
@@ -196,7 +206,9 @@ def _cholesky_lanczos(
     )
 
 
-def _as_batched_matvec(operator: Any) -> tuple[Callable[[Tensor], Tensor], int]:
+def _as_batched_matvec(operator: Any) -> tuple[Callable[[Tensor], Tensor], int, torch.device]:
+    """(V ↦ (A vᵢ)ᵢ on rows, N, the device the products run on: a plstar operator's, else the
+    host)."""
     shape = getattr(operator, "shape", None)
     if (
         shape is None
@@ -216,14 +228,17 @@ def _as_batched_matvec(operator: Any) -> tuple[Callable[[Tensor], Tensor], int]:
             raise PlstarInputError(f"spectrum takes real symmetric operators, got {operator.dtype}")
 
         def raw(v: Tensor) -> Any:  # scipy LinearOperator: columns are vectors
-            return np.asarray(operator.matmat(v.T.numpy())).T
+            return np.asarray(operator.matmat(v.T.cpu().numpy())).T
     else:
 
         def raw(v: Tensor) -> Any:
             return (operator @ v.T).T
 
+    device = getattr(operator, "device", HOST)
+    device = device if isinstance(device, torch.device) else HOST
+
     def product(v: Tensor) -> Tensor:
-        out = torch.as_tensor(raw(v))
+        out = torch.as_tensor(raw(v), device=device)
         if out.is_complex() or tuple(out.shape) != tuple(v.shape):
             raise PlstarInputError(
                 f"the operator mapped {v.shape[1]} × {v.shape[0]} columns to a {out.dtype} result "
@@ -232,7 +247,7 @@ def _as_batched_matvec(operator: Any) -> tuple[Callable[[Tensor], Tensor], int]:
             )
         return out.to(torch.float64)
 
-    return product, size
+    return product, size, device
 
 
 def _as_matrix(matrix: Any) -> Tensor | None:
@@ -242,7 +257,7 @@ def _as_matrix(matrix: Any) -> Tensor | None:
             raise PlstarInputError(
                 f"spectrum takes a real symmetric matrix, got a numpy array of dtype {matrix.dtype}"
             )
-        matrix = torch.from_numpy(np.ascontiguousarray(matrix))
+        matrix = torch.from_numpy(np.ascontiguousarray(matrix))  # on the host, as numpy was
     if not isinstance(matrix, Tensor):
         return None
     if matrix.is_complex():
@@ -307,13 +322,13 @@ def spectrum(
         dense = matrix.to(torch.float64)
         if not bool(torch.isfinite(dense).all()):
             raise PlstarInputError("the matrix has NaN or Inf entries")
-        matvec, size = (lambda v: (dense @ v.T).T), dense.shape[0]
+        matvec, size, device = (lambda v: (dense @ v.T).T), dense.shape[0], dense.device
     else:
         if method == "dense":
             raise PlstarInputError("method='dense' needs a matrix; pass the assembled matrix")
-        matvec, size = _as_batched_matvec(matrix_or_operator)
+        matvec, size, device = _as_batched_matvec(matrix_or_operator)
     eps_in = input_precision if input_precision is not None else EPS64
-    result = lanczos(matvec, size, 1, max_iter=max_iter, tol=tol, seed=seed)
+    result = lanczos(matvec, size, 1, max_iter=max_iter, tol=tol, seed=seed, device=device)
     hi, lo = float(result.theta_max[0]), float(result.theta_min[0])
     norm = max(abs(hi), abs(lo))
     floor = (size * EPS64 + eps_in) * norm

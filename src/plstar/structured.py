@@ -244,7 +244,7 @@ class Probe:
         """(bytes of one sample's features in ``dtype``, bytes of the contraction's temporaries
         per row sample)."""
         size = self.sizes(k)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         per_row = size.contraction_elements * itemsize
         return int(size.float_elements * itemsize + size.other_bytes), per_row
 

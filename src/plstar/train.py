@@ -27,6 +27,7 @@ from plstar import theory
 from plstar.certify import flat_parameters
 from plstar.conditions import json_safe
 from plstar.curvature import LossGradient, flat, loss_sharpness, per_sample_smoothness
+from plstar.devices import HOST, host_permutation
 from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback, make_functional
 from plstar.monitor import Monitor, Reference, reference_point
@@ -278,7 +279,7 @@ def _loop(
     """The steps; updates ``result`` in place after each, so an interruption loses nothing."""
     gd, n, b = result.method == "gd", result.n, result.batch_size
     params, w0 = objective.params, flat_parameters(objective.model)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=HOST).manual_seed(seed)
     grads = _unflat(ref.gradient0, params) if gd else []
     recheck = recheck_every or (monitor.every if monitor is not None else 100)
     beta_now, warm = ref.beta, ref.beta_vector
@@ -296,7 +297,7 @@ def _loop(
         if gd:
             direction = grads
         else:
-            _, direction = objective(torch.randperm(n, generator=generator)[:b])
+            _, direction = objective(host_permutation(n, generator, w0.device)[:b])
             torch._foreach_mul_(direction, n / b)  # g = (n/b) Σ_batch ∇ℓ_i, unbiased for ∇L
         with torch.no_grad():  # one fused call: Ctrl-C cannot land between two parameters
             torch._foreach_add_(params, direction, alpha=-eta)

@@ -160,7 +160,8 @@ def _analyze(
     if args.output is not None:
         say.print(f"[bold]F[/]     --output {args.output.text} of what the model returns")
     say.print(
-        f"[bold]dtype[/] model runs in {args.dtype}; kernels and spectra accumulate in float64"
+        f"[bold]dtype[/] model runs in {args.dtype} on {x.device}; kernels and spectra accumulate "
+        "in float64"
     )
     if args.distributed:
         say.print(
@@ -203,6 +204,7 @@ def _analyze(
                 "model_source": args.model or "mlp", "width": args.width, "depth": args.depth,
                 "activation": args.activation, "parameterization": args.parameterization,
                 "outputs": dataset.k, "seed": args.seed, "dtype": args.dtype,
+                "device": str(x.device),
                 "implementation": args.implementation, "hessian_outputs": args.hessian_outputs,
                 "hessian_time_share": args.hessian_time_share,
                 "output": "default" if args.output is None else args.output.text,

@@ -27,17 +27,18 @@ from plstar import report
 from plstar.cli.common import (
     Interrupted,
     ProgressBars,
+    build_model,
     check_problem_options,
     console,
     hessian_outputs,
     load_problem,
     output_selector,
-    torch_dtype,
+    problem_device,
     versions,
 )
 from plstar.cli.options import add_command, add_problem_options, integer
 from plstar.conditions import json_safe
-from plstar.models import describe_model, load_model_factory, mlp
+from plstar.models import describe_model
 from plstar.region import certify_region, fit_crossover
 
 SUMMARY = (
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
             console=console, transient=True,
         ) as bars:  # fmt: skip
             for width in widths:
-                net = _model(args, dataset, width)
+                net = build_model(args, dataset, width)
                 label = "" if width is None else f"width {width}: "
                 console.print(f"[bold]model[/] {label}{describe_model(net)}")
                 results.append(_certify_one(args, dataset, net, width, ProgressBars(bars)))
@@ -138,17 +139,6 @@ def _write_json(
     payload = {"results": results, "fit": fit, "config": _config(args, dataset),
                "versions": versions(), "seconds": seconds}  # fmt: skip
     report.write_json(args.json_path, json_safe(payload))
-
-
-def _model(args: argparse.Namespace, dataset: Any, width: int | None) -> torch.nn.Module:
-    dtype = torch_dtype(args)
-    if args.model is not None:
-        arguments = () if width is None else (width,)
-        return load_model_factory(args.model, seed=args.seed, arguments=arguments).to(dtype)
-    return mlp(
-        dataset.d, width or args.width, args.depth, dataset.k, activation=args.activation,
-        parameterization=args.parameterization, generator_seed=args.seed, dtype=dtype,
-    )  # fmt: skip
 
 
 def _certify_one(
@@ -225,7 +215,8 @@ def _config(args: argparse.Namespace, dataset: Any) -> dict[str, Any]:
     return {
         "data": dataset.description, "model_source": args.model or "mlp", "width": args.width,
         "widths": args.widths, "depth": args.depth, "activation": args.activation,
-        "seed": args.seed, "dtype": args.dtype, "directions": args.directions,
+        "seed": args.seed, "dtype": args.dtype, "device": str(problem_device(args)),
+        "directions": args.directions,
         "hessian_outputs": args.hessian_outputs,
         "output": "default" if args.output is None else args.output.text,
     }  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from rich.progress import Progress
 
 import plstar
 from plstar.data import DIGITS_SIZE, Dataset, load_digits, load_file
+from plstar.devices import HOST, host_permutation, resolve_device
 from plstar.errors import PlstarInputError
 from plstar.models import load_model_factory, mlp
 
@@ -63,8 +65,24 @@ def interrupts_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def problem_device(args: argparse.Namespace) -> torch.device:
+    """--device resolved (:func:`plstar.devices.resolve_device`; PlstarInputError when absent). With
+    --distributed the data and model are built on the host and each rank moves them to its own
+    device (NCCL: cuda:LOCAL_RANK; gloo: the CPU), so --device must stay auto there."""
+    if getattr(args, "distributed", False):
+        if args.device != "auto":
+            raise PlstarInputError(
+                "--device with --distributed: each rank computes on its own device (NCCL: "
+                "cuda:LOCAL_RANK, gloo: the CPU); omit --device"
+            )
+        return HOST
+    return resolve_device(args.device)
+
+
 def check_problem_options(args: argparse.Namespace) -> None:
-    """Refuse option combinations that would be silently ignored (PlstarInputError, option named)."""
+    """Refuse option combinations that would be silently ignored, and a --device that does not
+    exist here (PlstarInputError, option named)."""
+    problem_device(args)
     if args.data is not None and args.outputs is not None:
         raise PlstarInputError(
             "--outputs applies to the digits only; with --data the file's y gives the outputs "
@@ -85,7 +103,13 @@ def torch_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def load_problem(args: argparse.Namespace) -> Dataset:
     """The embedded digits by default, else the --data file (a seeded random subset of
-    --samples). Refuses a --samples count above the data's size, naming both sizes."""
+    --samples), on --device. Refuses a --samples count above the data's size, naming both sizes."""
+    found = _loaded(args)
+    device = problem_device(args)
+    return dataclasses.replace(found, x=found.x.to(device), y=found.y.to(device))
+
+
+def _loaded(args: argparse.Namespace) -> Dataset:
     n, seed, dtype = args.samples, args.seed, torch_dtype(args)
     if args.data is None:
         if n is not None and n > DIGITS_SIZE:
@@ -103,7 +127,9 @@ def load_problem(args: argparse.Namespace) -> Dataset:
             f"{dataset.n}, or omit --samples to use them all"
         )
     if n is not None and n < dataset.n:
-        index = torch.randperm(dataset.n, generator=torch.Generator().manual_seed(seed))[:n]
+        index = host_permutation(dataset.n, torch.Generator(device=HOST).manual_seed(seed), HOST)[
+            :n
+        ]
         return Dataset(
             dataset.x[index], dataset.y[index], dataset.name, dataset.scaling,
             f"{dataset.description} (random subset of {n}, seed {seed})",
@@ -111,15 +137,21 @@ def load_problem(args: argparse.Namespace) -> Dataset:
     return dataset
 
 
-def build_model(args: argparse.Namespace, dataset: Dataset) -> torch.nn.Module:
-    """The --model factory, called under --seed and cast to --dtype, or the default MLP."""
-    dtype = torch_dtype(args)
+def build_model(
+    args: argparse.Namespace, dataset: Dataset, width: int | None = None
+) -> torch.nn.Module:
+    """The --model factory, called under --seed (as ``factory(width)`` when a width is given), or
+    the default MLP of ``width`` (default --width); cast to --dtype and moved to --device. The
+    weights are drawn on the host, so a seed gives the same model on every device."""
+    dtype, device = torch_dtype(args), problem_device(args)
     if args.model is not None:
-        return load_model_factory(args.model, seed=args.seed).to(dtype)
+        arguments = () if width is None else (width,)
+        model = load_model_factory(args.model, seed=args.seed, arguments=arguments)
+        return model.to(device, dtype)
     return mlp(
-        dataset.d, args.width, args.depth, dataset.k, activation=args.activation,
+        dataset.d, width or args.width, args.depth, dataset.k, activation=args.activation,
         parameterization=args.parameterization, generator_seed=args.seed, dtype=dtype,
-    )  # fmt: skip
+    ).to(device)  # fmt: skip
 
 
 def output_selector(args: argparse.Namespace) -> Any:

@@ -126,6 +126,11 @@ def memory_size(text: str) -> int:
     return int(size)
 
 
+DEVICE_HELP = (
+    "cpu, cuda, cuda:N or auto (default: the first CUDA device when there is one, else the CPU). "
+    "The model and data are moved there and every tensor plstar computes lives there."
+)
+
 # One upper bound that numpy's, torch's and Python's generators all accept.
 SEED_MAX = 2**32 - 1
 
@@ -158,6 +163,7 @@ def add_problem_options(
                        help=f"Seed for {seed_use} (also seeds a --model factory).")  # fmt: skip
     group.add_argument("--dtype", choices=DTYPES, default="float64",
                        help="Dtype the model runs in (spectra are float64).")  # fmt: skip
+    group.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     group.add_argument("--data", type=Path, metavar="FILE",
                        help=".npz (x, y), .csv (target = last column) or .pt file.")  # fmt: skip
     group.add_argument("--target", metavar="COLUMN",
