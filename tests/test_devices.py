@@ -29,6 +29,7 @@ from conftest import run_cli
 from torch import Tensor, nn
 
 import plstar
+import plstar.experiments as experiments
 from plstar import devices, planning
 from plstar.cli.common import problem_device
 from plstar.errors import DataError, PlstarInputError
@@ -59,7 +60,11 @@ def _numbers(value: Any) -> np.ndarray:
         return value.detach().double().reshape(-1).numpy()
     if isinstance(value, float | int | list | np.ndarray):
         return np.asarray(value, dtype=float).reshape(-1)
-    found = value.to_dict() if hasattr(value, "to_dict") else vars(value)
+    found = (
+        value
+        if isinstance(value, dict)
+        else (value.to_dict() if hasattr(value, "to_dict") else vars(value))
+    )
     flat: list[float] = []
 
     def visit(item: Any) -> None:
@@ -153,18 +158,14 @@ FACTORIES = {
     "empty", "zeros", "ones", "full", "rand", "randn", "randint", "randperm", "arange",
     "linspace", "logspace", "eye", "tensor", "as_tensor", "scalar_tensor", "Generator",
 }  # fmt: skip
-HOST_BY_DESIGN = {"data.py", "data_files.py", "models.py"}
-"""Loading data and building models happen on the host by design (the CLI moves both to
---device, and a seed then gives the same weights everywhere); the experiments under experiments/
-build their problems on the host too."""
 
 
-def test_every_factory_call_of_the_core_names_its_device() -> None:
+def test_every_factory_call_names_its_device() -> None:
+    """Statically, for the paths no test reaches: every torch factory call in plstar (core, CLI,
+    experiments, data loading and model builders alike) says where its tensor goes, the model's
+    device or, on purpose, the host."""
     missing = []
     for path in sorted(SOURCE.rglob("*.py")):
-        relative = path.relative_to(SOURCE)
-        if relative.parts[0] == "experiments" or relative.name in HOST_BY_DESIGN:
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)
@@ -174,8 +175,28 @@ def test_every_factory_call_of_the_core_names_its_device() -> None:
                 and node.func.attr in FACTORIES
                 and not any(k.arg == "device" for k in node.keywords)
             ):
-                missing.append(f"{relative}:{node.lineno} torch.{node.func.attr}")
+                missing.append(f"{path.relative_to(SOURCE)}:{node.lineno} torch.{node.func.attr}")
     assert not missing, "factory calls without device=: " + ", ".join(missing)
+
+
+EXPERIMENT_CASES = [(n, 0, {}) for n in (1, 2, 3, 4, 5, 7, 8, 9, 10, 11)] + [
+    (6, 0, {"epochs": 4, "streams": 1}),  # the quick unit runs 40 epochs × 3 streams
+    (3, -1, {"width": 32, "steps": 10}),  # the regime where the hypothesis holds
+]
+
+
+@pytest.mark.parametrize(("number", "index", "changes"), EXPERIMENT_CASES)
+def test_experiments_create_nothing_off_their_device(
+    number: int, index: int, changes: dict[str, Any]
+) -> None:
+    """``plstar reproduce --device``: each experiment's problems and networks are made on the host
+    and moved to the experiments' device; nothing else is made anywhere else."""
+    module = experiments.load(number)
+    config = {**module.configurations(True, 1)[index], **changes}
+    expected = _numbers(module.run_configuration(config, None))
+    with factories_elsewhere():
+        found = _numbers(module.run_configuration(config, None))
+    np.testing.assert_allclose(found, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_resolve_device() -> None:

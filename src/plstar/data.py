@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from plstar import data_files
+from plstar.devices import HOST
 from plstar.errors import DataError, PlstarInputError
 
 Scaling = Literal["sphere", "standardize", "none"]
@@ -166,8 +167,8 @@ def load_digits(
     if n is not None:
         chosen = np.random.default_rng(seed).permutation(DIGITS_SIZE)[:n]
         images, labels = images[chosen], labels[chosen]
-    x = scale_inputs(torch.as_tensor(images, dtype=torch.float64), scaling).to(dtype)
-    labels_t = torch.as_tensor(labels, dtype=torch.int64)
+    x = scale_inputs(torch.as_tensor(images, dtype=torch.float64, device=HOST), scaling).to(dtype)
+    labels_t = torch.as_tensor(labels, dtype=torch.int64, device=HOST)
     if outputs == 1:
         y = torch.where(labels_t % 2 == 0, 1.0, -1.0).to(dtype).unsqueeze(1)
         targets = "±1 parity (k=1)"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import conv2d, linear
 
+from plstar.devices import HOST
 from plstar.errors import PlstarInputError
 
 Activation = Literal["tanh", "relu", "gelu", "sigmoid", "softplus", "erf", "identity"]
@@ -70,8 +71,10 @@ class _NTKLayer(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(weight_shape, generator=generator, dtype=dtype))
-        zeros = torch.zeros(weight_shape[0], dtype=dtype)
+        # drawn on the host: a seed gives the same weights whatever device the model moves to
+        drawn = torch.randn(weight_shape, generator=generator, dtype=dtype, device=HOST)
+        self.weight = nn.Parameter(drawn)
+        zeros = torch.zeros(weight_shape[0], dtype=dtype, device=HOST)
         self.register_parameter("bias", nn.Parameter(zeros) if bias else None)
         # fan_in = everything a single output unit sums over: all dimensions but the first.
         self.scale = 1.0 / math.sqrt(math.prod(weight_shape[1:]))
@@ -175,7 +178,7 @@ def _seeded(parameterization: str, seed: int | None) -> Iterator[torch.Generator
     if seed is None:
         yield None
     elif parameterization == "ntk":
-        yield torch.Generator().manual_seed(seed)
+        yield torch.Generator(device=HOST).manual_seed(seed)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

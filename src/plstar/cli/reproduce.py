@@ -19,7 +19,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from plstar import report
 from plstar.cli.common import Interrupted, console, say_error, versions
-from plstar.cli.options import add_command, integer
+from plstar.cli.options import DEVICE_HELP, add_command, integer
+from plstar.devices import resolve_device
 from plstar.errors import PlstarInputError
 from plstar.experiments import runner
 from plstar.experiments.base import ExperimentResult
@@ -45,6 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="Seeds per configuration (default 1 with --quick, else 3).")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="Reuse the finished runs stored in --out.")  # fmt: skip
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     parser.add_argument("--jobs", type=integer(1), default=1, metavar="COUNT",
                         help="Configurations run side by side in this many processes.")  # fmt: skip
 
@@ -104,6 +106,7 @@ def _command(args: argparse.Namespace, seeds: int) -> str:
     words = ["plstar", "reproduce"] + (["--quick"] if args.quick else [])
     words += ["--only", args.only] if args.only else []
     words += ["--out", str(args.out), "--seeds", str(seeds), "--jobs", str(args.jobs)]
+    words += ["--device", args.device] if args.device != "auto" else []
     return shlex.join(words + (["--resume"] if args.resume else []))
 
 
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
     """Check the options and --out, run, write the report; Ctrl-C keeps every finished run."""
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     numbers = check_request(parse_numbers(args.only), seeds, args.jobs)
+    device = resolve_device(args.device)
     out = report.check_output_folder(args.out, "--out", REPORT_FILES)
     for name in ("runs", "figures"):
         if (out / name).exists() and not (out / name).is_dir():
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "quick": args.quick, "seeds": seeds, "jobs": args.jobs, "resume": args.resume,
         "threads": worker_threads(args.jobs), "experiments": numbers, "versions": versions(),
+        "device": str(device),
     }  # fmt: skip
     console.print(
         f"[bold]plstar reproduce[/] experiments {', '.join(map(str, numbers))}; "
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
         with Progress(*columns, console=console, transient=True) as bars:
             outcome = runner.reproduce(
                 numbers, out=out, quick=args.quick, seeds=seeds, resume=args.resume,
-                jobs=args.jobs, progress=_Bars(bars), on_result=_announce,
+                jobs=args.jobs, progress=_Bars(bars), on_result=_announce, device=str(device),
             )  # fmt: skip
         meta["wall_seconds"] = time.perf_counter() - started
         written = write_report(out, outcome, meta)

@@ -7,9 +7,11 @@ and scaled to norm √d (THEORY.md, "Input scaling matters"), and NTK-parameteri
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,10 +19,13 @@ from torch import Tensor, nn
 
 import plstar
 from plstar.data import Dataset, load_digits
+from plstar.devices import HOST
 from plstar.errors import PlstarInputError
 from plstar.experiments.base import Check, Run, check_true
 from plstar.functional import ProgressCallback
 from plstar.models import describe_model, mlp
+
+_Placeable = TypeVar("_Placeable", Tensor, nn.Module)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -32,12 +37,35 @@ VARIANTS: tuple[str, ...] = ("linear", "nonlinear-output", "bottleneck")
 the output; and a width-1 bottleneck between two wide MLPs (f = g₂(tanh(g₁(x))))."""
 
 
+DEVICE = HOST
+"""Where the experiments of this process compute (``plstar reproduce --device``; set by
+:func:`use_device`): their problems and networks are made on the host, then moved there."""
+
+
+@contextlib.contextmanager
+def use_device(device: torch.device) -> Iterator[None]:
+    """Experiments run on ``device`` inside the block (this process only)."""
+    global DEVICE
+    previous, DEVICE = DEVICE, device
+    try:
+        yield
+    finally:
+        DEVICE = previous
+
+
+def placed(value: _Placeable) -> _Placeable:
+    """A tensor or module made on the host, moved to :data:`DEVICE`."""
+    return value.to(DEVICE)  # type: ignore[return-value]
+
+
 def digits_problem(n: int, seed: int, outputs: int = 1) -> Dataset:
-    """n digits drawn with ``seed``, centred and scaled to norm √64 ("sphere"), float64.
+    """n digits drawn with ``seed``, centred and scaled to norm √64 ("sphere"), float64, on
+    :data:`DEVICE`.
 
     Shapes: x (n, 64); y (n, 1) ±1 parity for ``outputs=1``, (n, 10) centred one-hot for 10.
     """
-    return load_digits(n, outputs=outputs, seed=seed, scaling="sphere", dtype=DTYPE)
+    data = load_digits(n, outputs=outputs, seed=seed, scaling="sphere", dtype=DTYPE)
+    return dataclasses.replace(data, x=placed(data.x), y=placed(data.y))
 
 
 def network(
@@ -57,9 +85,9 @@ def network(
         # Different seeds for the two halves, so that they do not share weights entry by entry.
         first = mlp(d, width, depth, 1, output_activation=activation, **common)
         second = mlp(1, width, depth, k, **{**common, "generator_seed": seed + 1_000_003})
-        return nn.Sequential(first, second)
+        return placed(nn.Sequential(first, second))
     output = activation if variant == "nonlinear-output" else None
-    return mlp(d, width, depth, k, output_activation=output, **common)
+    return placed(mlp(d, width, depth, k, output_activation=output, **common))
 
 
 def width_configurations(plan: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
@@ -130,17 +158,17 @@ def gaussian_problem(n: int, d: int, k: int, seed: int) -> tuple[Tensor, Tensor,
 
     The model seed is drawn from the same generator, so data and weights never share a stream.
     """
-    generator = torch.Generator().manual_seed(seed)
-    model_seed = int(torch.randint(2**62, (1,), generator=generator))
-    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
-    y = torch.randn(n, k, generator=generator, dtype=torch.float64)
-    return x, y, model_seed
+    generator = torch.Generator(device=HOST).manual_seed(seed)
+    model_seed = int(torch.randint(2**62, (1,), generator=generator, device=HOST))
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64, device=HOST)
+    y = torch.randn(n, k, generator=generator, dtype=torch.float64, device=HOST)
+    return placed(x), placed(y), model_seed
 
 
 def tanh_net(d: int, width: int, k: int, seed: int, depth: int = 2) -> nn.Module:
     """NTK-parameterized tanh MLP without biases, float64: m = (d + k)·width for depth 2; depth 1
     is the linear model x ↦ Wx/√d with m = d·k."""
-    return mlp(d, width, depth, k, bias=False, generator_seed=seed, dtype=torch.float64)
+    return placed(mlp(d, width, depth, k, bias=False, generator_seed=seed, dtype=torch.float64))
 
 
 def parameter_count(model: nn.Module) -> int:

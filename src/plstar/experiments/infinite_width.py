@@ -27,7 +27,7 @@ from matplotlib.ticker import NullLocator
 
 from plstar.certify import lambda_min_within_precision
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range
-from plstar.experiments.common import digits_problem, figure, loglog_slope, seeds_of
+from plstar.experiments.common import digits_problem, figure, loglog_slope, placed, seeds_of
 from plstar.functional import ProgressCallback
 from plstar.infinite_width import infinite_width_ntk
 from plstar.kernel import tangent_kernel
@@ -75,8 +75,8 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     for draw in range(config["draws"]):
         key = [config["seed"], config["width"], draw]
         net_seed = int(np.random.SeedSequence(key).generate_state(1)[0])
-        net = mlp(x.shape[1], config["width"], depth, 1, activation=activation,
-                  generator_seed=net_seed, dtype=torch.float64)  # fmt: skip
+        net = placed(mlp(x.shape[1], config["width"], depth, 1, activation=activation,
+                         generator_seed=net_seed, dtype=torch.float64))  # fmt: skip
         diff = tangent_kernel(net, x) - limit
         out["frobenius"].append(float(diff.norm() / limit.norm()))
         out["spectral"].append(float(torch.linalg.matrix_norm(diff, ord=2)))

@@ -32,6 +32,7 @@ import torch
 from plstar import theory
 from plstar.certify import assign_parameters, flat_parameters
 from plstar.curvature import loss_gradient, loss_sharpness
+from plstar.devices import HOST, host_normal
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
 from plstar.experiments.common import (
     by_key,
@@ -128,8 +129,8 @@ def _hypothesis_holds(config: dict[str, Any], progress: ProgressCallback | None)
     assert descent.direction is not None
     loss0, gradient0 = loss_gradient(model, x, y)
     beta = float(loss_sharpness(model, x, y, tol=1e-3, max_iter=30).value)
-    random = torch.randn(w0.shape, generator=torch.Generator().manual_seed(config["seed"] + 17),
-                         dtype=w0.dtype)  # fmt: skip
+    random = host_normal(w0.shape, torch.Generator(device=HOST).manual_seed(config["seed"] + 17),
+                         w0.device)  # fmt: skip
     directions = (
         descent.direction,
         -gradient0.to(w0.dtype) / gradient0.norm(),

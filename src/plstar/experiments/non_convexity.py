@@ -32,6 +32,7 @@ from torch.func import hessian
 from plstar import theory
 from plstar.certify import flat_parameters
 from plstar.curvature import loss_value
+from plstar.devices import HOST, host_normal
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
 from plstar.experiments.common import (
     all_hold,
@@ -106,12 +107,12 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     eigenvalues = torch.linalg.eigvalsh(at_solution).flip(0)  # descending
     threshold = residual_term + found.precision_floor
     # its own stream: the model's seed would draw u = w₀/‖w₀‖, the initial weights themselves
-    generator = torch.Generator().manual_seed(model_seed + 1)
+    generator = torch.Generator(device=HOST).manual_seed(model_seed + 1)
     radii = [10.0 ** (-4 + 4 * i / (config["radii"] - 1)) for i in range(config["radii"])]
     points, largest_change = [], 0.0
     for i, radius in enumerate(radii):
         for _ in range(config["directions"]):
-            u = torch.randn(m, generator=generator, dtype=torch.float64)
+            u = host_normal((m,), generator, solution.device)
             moved = loss_hessian(model, x, y, solution + radius * u / u.norm())
             there = spectrum(moved)
             largest_change = max(largest_change, float((moved - at_solution).abs().max()))

@@ -36,7 +36,14 @@ from torch import Tensor
 from plstar import theory
 from plstar.curvature import loss_sharpness, model_hessian_norm
 from plstar.experiments.base import Check, ExperimentResult, Run, check_range, check_true
-from plstar.experiments.common import digits_problem, figure, late_rate, loglog_slope, seeds_of
+from plstar.experiments.common import (
+    digits_problem,
+    figure,
+    late_rate,
+    loglog_slope,
+    placed,
+    seeds_of,
+)
 from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
 from plstar.models import mlp
@@ -85,9 +92,9 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     data = digits_problem(config["n"], seed=0)
     x = data.x
     net_seed = int(np.random.SeedSequence([config["seed"], config["width"]]).generate_state(1)[0])
-    model = mlp(x.shape[1], config["width"], config["depth"], 1, activation=config["activation"],
-                output_activation=config["output_activation"], generator_seed=net_seed,
-                dtype=torch.float64)  # fmt: skip
+    model = placed(mlp(x.shape[1], config["width"], config["depth"], 1,
+                       activation=config["activation"], generator_seed=net_seed,
+                       output_activation=config["output_activation"], dtype=torch.float64))  # fmt: skip
     inner, phi = model[:-1], model[-1]
     with torch.no_grad():
         y = phi(config["target_logit"] * data.y)

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from plstar import theory
 from plstar.certify import assign_parameters, flat_parameters
 from plstar.curvature import loss_gradient, loss_sharpness, model_hessian_norm
+from plstar.devices import HOST, host_normal
 from plstar.experiments.base import Check, Run, check_range, check_true
-from plstar.experiments.common import DTYPE, gaussian_problem, loglog_slope, network
+from plstar.experiments.common import DTYPE, gaussian_problem, loglog_slope, network, placed
 from plstar.experiments.pl_region_figures import figures as figures  # the module's contract
 from plstar.functional import ProgressCallback
 from plstar.kernel import tangent_kernel
@@ -90,7 +91,7 @@ def build(family: str, d: int, width: int, seed: int) -> tuple[nn.Module, bool]:
     through one scalar unit: ‖H_F‖ does not fall with width)."""
     if family == "cnn":
         side = math.isqrt(d // 4)
-        return cnn(4, side, width, 2, 1, generator_seed=seed, dtype=DTYPE), True
+        return placed(cnn(4, side, width, 2, 1, generator_seed=seed, dtype=DTYPE)), True
     variant = "bottleneck" if family == "bottleneck" else "linear"
     depth = 3 if family == "mlp3" else 2
     return network(variant, d, width, depth, 1, seed), False
@@ -159,8 +160,8 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     reach = float(w0.norm())
     # the GD path extended: the direction to where GD from w₀ (η = 1/β(w₀)) goes
     _, _, w_gd = gradient_descent(model, x, y, w0, 1.0 / beta0, config["steps"])
-    generator = torch.Generator().manual_seed(config["seed"] + 17)
-    randoms = [torch.randn(w0.shape, generator=generator, dtype=DTYPE) for _ in range(2)]
+    generator = torch.Generator(device=HOST).manual_seed(config["seed"] + 17)
+    randoms = [host_normal(w0.shape, generator, w0.device) for _ in range(2)]
     randoms = [u / u.norm() for u in randoms]
     crossings = [
         search.descent_path(),

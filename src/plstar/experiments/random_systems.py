@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from plstar.devices import HOST
 from plstar.experiments.base import Check, ExperimentResult, Run, check_true
-from plstar.experiments.common import figure, seeds_of
+from plstar.experiments.common import figure, placed, seeds_of
 from plstar.functional import ProgressCallback
 from plstar.spectrum import spectrum
 from plstar.theory import random_system_log_condition_bound
@@ -59,10 +60,10 @@ def run_configuration(config: dict[str, Any], progress: ProgressCallback | None)
     eigenvalues."""
     n, m, draws = config["n"], config["m"], config["draws"]
     key = np.random.SeedSequence([config["seed"], n, m]).generate_state(1)[0]
-    generator = torch.Generator().manual_seed(int(key))
+    generator = torch.Generator(device=HOST).manual_seed(int(key))
     values: list[float | None] = []
     for draw in range(draws):
-        a = torch.randn(n, m, generator=generator, dtype=torch.float64)
+        a = placed(torch.randn(n, m, generator=generator, dtype=torch.float64, device=HOST))
         kappa = spectrum(a @ a.T).condition_number
         values.append(math.log(kappa) if math.isfinite(kappa) else None)  # None: singular
         if progress is not None and (draw + 1) % 50 == 0:

@@ -25,9 +25,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
+
 import plstar.experiments as registry
 from plstar.conditions import json_safe
+from plstar.devices import HOST, resolve_device
 from plstar.errors import PlstarInputError
+from plstar.experiments import common
 from plstar.experiments.base import Check, ExperimentResult, Run
 from plstar.functional import ProgressCallback
 from plstar.report import write_json
@@ -178,12 +182,16 @@ def worker_threads(jobs: int) -> int:
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
 
 
-def _start_worker(threads: int) -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle (it stops the pool); fixed threads."""
+def _start_worker(threads: int, device: str) -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (it stops the pool); fixed threads; the
+    experiments' device."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
+    from plstar.experiments import common
+
     torch.set_num_threads(threads)
+    common.DEVICE = torch.device(device)
 
 
 def _work(module_name: str, config: dict[str, Any]) -> Run:
@@ -225,6 +233,7 @@ def reproduce(
     jobs: int = 1,
     progress: ProgressCallback | None = None,
     on_result: Callable[[ExperimentResult], None] | None = None,
+    device: str | None = None,
 ) -> Reproduction:
     """Run the selected experiments (all when ``numbers`` is None), storing each finished run.
 
@@ -233,11 +242,15 @@ def reproduce(
     many "spawn" processes, each with :func:`worker_threads` torch threads. ``progress`` gets the
     phases ``OVERALL``, :func:`experiment_phase` and ``RUN_PREFIX + phase`` (in-process runs only);
     ``on_result`` each experiment's result as soon as its last configuration finished.
+    ``device`` (default the host): where the experiments compute (problems and networks are made
+    on the host and moved there); on another device than the CPU each configuration records it,
+    so its stored runs are kept apart from the CPU's.
     Ctrl-C ends the runs in flight and returns with ``interrupted`` set (finished runs stay on
     disk). A run, summary or import that raises is recorded in ``failures`` and the rest goes on.
     Raises PlstarInputError for an unknown number, seeds < 1 or jobs < 1.
     """
     chosen = check_request(numbers, seeds, jobs)
+    where = resolve_device(device) if device is not None else HOST
     started = time.perf_counter()
     store, outcome = RunStore(out), Reproduction()
     experiments: list[_Experiment] = []
@@ -245,6 +258,8 @@ def reproduce(
         try:
             module = registry.load(number)
             configs = module.configurations(quick, seeds)
+            if where != HOST:
+                configs = [{**config, "device": str(where)} for config in configs]
         except Exception as error:
             outcome.failures.append(f"experiment {number}: cannot load: {_describe(error)}")
             continue
@@ -285,16 +300,10 @@ def reproduce(
     tasks = [(e, i) for e in experiments for i in range(len(e.configs)) if i not in e.runs]
     try:
         if jobs == 1:
-            for experiment, index in tasks:
-                inner = _inner_progress(report)
-                try:
-                    run = _timed(experiment.module, experiment.configs[index], inner)
-                except Exception as error:
-                    finish(experiment, index, None, _describe(error))
-                else:
-                    finish(experiment, index, run, None)
+            with common.use_device(where):
+                _run_here(tasks, report, finish)
         elif tasks:
-            _run_pool(tasks, jobs, finish)
+            _run_pool(tasks, jobs, finish, where)
     except KeyboardInterrupt:
         outcome.interrupted = True
     for experiment in experiments:
@@ -303,6 +312,21 @@ def reproduce(
     outcome.results.sort(key=lambda r: r.number)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _run_here(
+    tasks: list[tuple[_Experiment, int]],
+    report: ProgressCallback,
+    finish: Callable[[_Experiment, int, Run | None, str | None], None],
+) -> None:
+    """Every task in this process, in order."""
+    for experiment, index in tasks:
+        try:
+            run = _timed(experiment.module, experiment.configs[index], _inner_progress(report))
+        except Exception as error:
+            finish(experiment, index, None, _describe(error))
+        else:
+            finish(experiment, index, run, None)
 
 
 def _describe(error: BaseException) -> str:
@@ -343,11 +367,13 @@ def _run_pool(
     tasks: list[tuple[_Experiment, int]],
     jobs: int,
     finish: Callable[[_Experiment, int, Run | None, str | None], None],
+    device: torch.device,
 ) -> None:
-    """Every task in ``jobs`` spawned workers; ``finish`` is called here, in completion order."""
+    """Every task in ``jobs`` spawned workers computing on ``device``; ``finish`` is called here,
+    in completion order."""
     pool = ProcessPoolExecutor(
         max_workers=jobs, mp_context=get_context("spawn"), initializer=_start_worker,
-        initargs=(worker_threads(jobs),),
+        initargs=(worker_threads(jobs), str(device)),
     )  # fmt: skip
     pending: dict[Future[Run], tuple[_Experiment, int]] = {}
     try:
