@@ -7,6 +7,11 @@ steps it adds the extremes of the tangent kernel on a fixed subsample, the relat
 warm-started from the previous top vector. Subsample caveat: by Cauchy interlacing, λ_min of a
 principal submatrix is ≥ λ_min of the full K, so the recorded λ_min is an upper bound on the full one
 unless the subsample is the whole data set; μ for the envelope is always from the full K(w₀).
+
+A caller that records only every few of its own steps (a trainer callback) passes the trainer's
+step index, ``step(at_step=t)``: the envelope is then rate^t·L₀ at that t, and the kernel is
+measured whenever t crosses a multiple of ``every``. ``tensorboard=`` writes every record as
+TensorBoard scalars (:mod:`plstar.tensorboard_log`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +35,13 @@ from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback, check_targets, make_functional
 from plstar.kernel import tangent_kernel
 from plstar.spectrum import Spectrum, spectrum
+from plstar.tensorboard_log import TensorBoardLog
 from plstar.validation import callback, real_number, whole_number
 from plstar.validation import memory_budget as check_budget
 from plstar.validation import seed as check_seed
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,12 @@ def reference_point(
     return Reference(loss0, gradient0, float(mu), float(beta), beta_error, vector, kernel)
 
 
+LOGGED_FIELDS = (
+    "loss", "pl_ratio", "distance", "envelope", "lambda_min", "lambda_max", "drift", "sharpness",
+)  # fmt: skip
+"""The Record fields that loggers receive (TensorBoard, trainer callbacks) as ``plstar/<field>``."""
+
+
 @dataclass
 class Record:
     """One monitored step. Shapes are scalars; None where not measured at this step.
@@ -119,6 +134,12 @@ class Record:
         """JSON-ready dict (non-finite numbers as strings)."""
         return json_safe(asdict(self))
 
+    def scalars(self, prefix: str = "plstar/") -> dict[str, float]:
+        """``{prefix + field: value}`` for the :data:`LOGGED_FIELDS` measured at this step (the
+        kernel and sharpness fields only every ``every`` steps); what loggers receive."""
+        values = {name: getattr(self, name) for name in LOGGED_FIELDS}
+        return {prefix + name: float(value) for name, value in values.items() if value is not None}
+
 
 class Monitor:
     """Records the PL* picture along a training path; usable in any loop.
@@ -133,7 +154,10 @@ class Monitor:
     w₀ over the full data unless given; ``rate`` defaults to GD's 1 − μ/β and ``radius`` to the GD
     theorem's R — both are public attributes (``train`` sets SGD's). ``on_record`` is called with
     each new record (the CLI appends it to metrics.jsonl). ``output`` picks F from what the model
-    returns (see :func:`plstar.tangent_kernel`).
+    returns (see :func:`plstar.tangent_kernel`). ``tensorboard``: a folder or a ``SummaryWriter``
+    that receives every record's scalars as ``plstar/<field>`` at global step ``record.step``;
+    :meth:`close` adds the four-panel figure and flushes (needs ``pip install
+    "plstar[tensorboard]"``, imported only then).
     """
 
     def __init__(
@@ -153,6 +177,7 @@ class Monitor:
         on_record: Callable[[Record], None] | None = None,
         progress: ProgressCallback | None = None,
         output: OutputSelector | None = None,
+        tensorboard: str | Path | SummaryWriter | None = None,
     ) -> None:
         for name, value in (("every", every), ("kernel_samples", kernel_samples),
                             ("sharpness_iterations", sharpness_iterations)):  # fmt: skip
@@ -162,6 +187,8 @@ class Monitor:
         seed, memory_budget = check_seed(seed), check_budget(memory_budget)
         callback("on_record", on_record)
         callback("progress", progress)
+        # Checked (the package, the folder) before any measurement; the writer opens at step 0.
+        self.tensorboard = None if tensorboard is None else TensorBoardLog(tensorboard)
         started = time.perf_counter()
         fmodel = make_functional(model, x, memory_budget=memory_budget, output=output)
         self.model, self.x, self.y = model, x, check_targets(fmodel, x, y)
@@ -245,18 +272,31 @@ class Monitor:
         loss: float | None = None,
         gradient: Tensor | None = None,
         step_size: float | None = None,
+        at_step: int | None = None,
     ) -> Record:
-        """Record the state at the model's current parameters as the next step.
+        """Record the state at the model's current parameters as step ``at_step``.
 
-        ``loss`` and ``gradient`` ((m,), in the order of the model's trainable parameters) may be
-        passed when already computed at these parameters; otherwise one gradient pass is made.
+        ``at_step``: the index of the training step this record belongs to, counted from w₀
+        (default: the previous record's step + 1). A trainer callback that records every N of its
+        steps passes its own step, so that the envelope rate^t·L₀ is taken at the right t and the
+        kernel is measured whenever t crosses a multiple of ``every``. ``loss`` and ``gradient``
+        ((m,), in the order of the model's trainable parameters) may be passed when already
+        computed at these parameters; otherwise one gradient pass is made. Raises
+        PlstarInputError for an ``at_step`` that is not an integer above the previous record's.
         """
+        if at_step is None:
+            at_step = self.steps + 1
+        elif whole_number("at_step", at_step, minimum=0) <= self.steps:
+            raise PlstarInputError(
+                f"at_step must increase: {at_step} follows the record of step {self.steps}; pass "
+                "the index of a later training step"
+            )
         started = time.perf_counter()
         if loss is None or gradient is None:
             loss, gradient = loss_gradient(
                 self.model, self.x, self.y, memory_budget=self.memory_budget, output=self.output
             )
-        record = self._record(self.steps + 1, float(loss), gradient, step_size)
+        record = self._record(int(at_step), float(loss), gradient, step_size)
         self.overhead_seconds += time.perf_counter() - started
         return record
 
@@ -269,9 +309,13 @@ class Monitor:
             envelope=self.reference.loss0 * self.rate**step,
             seconds=time.perf_counter() - self._started, step_size=step_size,
         )  # fmt: skip
-        if step % self.every == 0:
+        # A multiple of `every` lies in (previous step, step]: with consecutive steps, step % every == 0.
+        previous = self.history[-1].step if self.history else -1
+        if step // self.every > previous // self.every:
             self._measure_kernel(record)
         self.history.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         if self.on_record is not None:
             self.on_record(record)
         return record
@@ -318,7 +362,22 @@ class Monitor:
         """Save the four-panel training figure (see :func:`plstar.plots.plot_training`) as PNG."""
         from plstar.plots import plot_training
 
-        return plot_training(
-            self.history, path, mu=self.mu, radius=self.radius, title=title,
-            subsample=len(self.subsample), n=self.n,
-        )  # fmt: skip
+        return plot_training(self.history, path, **self._figure_options(title))
+
+    def close(self, *, title: str | None = None) -> None:
+        """End the TensorBoard log, if any: add the four-panel figure as an image at the last
+        step, flush, close a writer the monitor opened. Idempotent; the records stay usable, and a
+        later ``step()`` writes on (into a new event file in the same folder).
+        ``with Monitor(...) as monitor:`` calls it at the end of the block."""
+        if self.tensorboard is not None:
+            self.tensorboard.close(self.history, self._figure_options(title))
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _figure_options(self, title: str | None) -> dict[str, Any]:
+        return {"mu": self.mu, "radius": self.radius, "title": title,
+                "subsample": len(self.subsample), "n": self.n}  # fmt: skip

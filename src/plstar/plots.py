@@ -53,10 +53,27 @@ def plot_training(
 ) -> Path:
     """Four panels from monitor records (``Record`` objects or their dicts), saved as a PNG.
 
+    The panels are :func:`training_figure`'s. Written atomically (temporary file, then rename).
+    Cost: negligible next to training.
+    """
+    figure = training_figure(records, mu=mu, radius=radius, title=title, subsample=subsample, n=n)
+    return write_bytes(path, png_bytes(figure))
+
+
+def training_figure(
+    records: Sequence[Any],
+    *,
+    mu: float | None = None,
+    radius: float | None = None,
+    title: str | None = None,
+    subsample: int | None = None,
+    n: int | None = None,
+) -> Figure:
+    """The four training panels as a matplotlib Figure on its own Agg canvas (no pyplot).
+
     Loss L(w_t) against the envelope rate^t·L₀ (log axis); λ_min and λ_max of the subsample kernel
     with μ = λ_min(K(w₀)) of the full kernel; relative kernel drift ‖K_t − K₀‖_F/‖K₀‖_F; the
     distance ‖w_t − w₀‖ against the radius R (log axis, so that both show when R ≫ the path).
-    Written atomically (temporary file, then rename). Cost: negligible next to training.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -103,8 +120,7 @@ def plot_training(
     distance_ax.legend()
     if title:
         figure.suptitle(title)
-
-    return write_bytes(path, png_bytes(figure))
+    return figure
 
 
 def plot_region(

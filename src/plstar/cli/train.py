@@ -3,7 +3,8 @@
 The results folder (--out) is touched only once the run starts for real, at its first step:
 every refusal (options, data, model, the theory's own refusals at w₀) and a Ctrl-C during w₀'s
 measurements leave it exactly as it was. Then the earlier run's files are removed before anything
-is written, so the folder never mixes two runs.
+is written, so the folder never mixes two runs. ``--tensorboard DIR`` adds an event file of the
+monitor's records to DIR (TensorBoard keeps one file per run, so earlier runs stay beside it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from plstar.cli.options import (
 from plstar.data import Dataset
 from plstar.errors import PlstarInputError
 from plstar.models import describe_model
+from plstar.tensorboard_log import summary_writer_class
 from plstar.train import check_arguments
 
 RESULT_FILES = ("metrics.jsonl", "config.json", "summary.json", "training.png")
@@ -73,6 +75,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="Folder for metrics.jsonl, config.json, summary.json, training.png; an earlier "
         "run's files there are replaced once training starts.",
     )  # fmt: skip
+    group.add_argument(
+        "--tensorboard", type=Path, metavar="DIR",
+        help="Also write the monitor's records as TensorBoard scalars (plstar/loss, ...) and the "
+        "figure to an event file in DIR (needs the tensorboard package).",
+    )  # fmt: skip
 
 
 class _RunFolder:
@@ -82,8 +89,9 @@ class _RunFolder:
     one JSON line, flushed at once, so an interrupted or killed run leaves every line complete.
     """
 
-    def __init__(self, out: Path, config: dict[str, Any]) -> None:
-        self.out, self.config = out, config
+    def __init__(self, out: Path, config: dict[str, Any], tensorboard: Path | None = None) -> None:
+        self.out, self.config, self.tensorboard = out, config, tensorboard
+        self.monitor: plstar.Monitor | None = None  # closed with the folder (its TensorBoard log)
         self.pending: list[str] = []
         self.handle: IO[str] | None = None
         self.cleared = False
@@ -122,10 +130,14 @@ class _RunFolder:
         self.written.append("summary.json")
         monitor.plot(self.out / "training.png", title=title)
         self.written.append("training.png")
+        monitor.close(title=title)
 
     def close(self) -> None:
+        """Close metrics.jsonl and the monitor's TensorBoard log (flushed, whatever ended the run)."""
         if self.handle is not None:
             self.handle.close()
+        if self.monitor is not None:
+            self.monitor.close()
 
     def kept(self) -> str:
         """What is in the folder now, for the line that ends an interrupted run."""
@@ -134,6 +146,8 @@ class _RunFolder:
         if self.lines == 0:
             return f"nothing was written (the earlier run's files in {self.out} were removed)"
         text = f"steps 0–{self.lines - 1} kept in {self.out / 'metrics.jsonl'}"
+        if self.tensorboard is not None:
+            text += f" and as TensorBoard events in {self.tensorboard}"
         final = [name for name in ("summary.json", "training.png") if name in self.written]
         return f"{text}; {' and '.join(final)} written" if final else f"{text}; no summary written"
 
@@ -169,6 +183,9 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size is not None and args.method != "sgd":
         raise PlstarInputError("--batch-size applies to --method sgd; GD uses all samples")
     report.check_output_folder(args.out, "--out", RESULT_FILES)
+    if args.tensorboard is not None:
+        report.check_output_folder(args.tensorboard, "--tensorboard")
+        summary_writer_class()  # the package is there, before any computation
     started = time.perf_counter()
     dataset = load_problem(args)
     if args.batch_size is not None and args.batch_size > dataset.n:
@@ -194,9 +211,11 @@ def run(args: argparse.Namespace) -> None:
         "lr": args.lr, "batch_size": args.batch_size, "every": args.every,
         "kernel_samples": args.kernel_samples, "eps": args.eps,
         "hessian_outputs": args.hessian_outputs,
-        "output": "default" if args.output is None else args.output.text, "versions": versions(),
+        "output": "default" if args.output is None else args.output.text,
+        "tensorboard": None if args.tensorboard is None else str(args.tensorboard),
+        "versions": versions(),
     }  # fmt: skip
-    folder = _RunFolder(args.out, config)
+    folder = _RunFolder(args.out, config, args.tensorboard)
     try:
         _train_and_report(args, dataset, net, folder, started)
     except KeyboardInterrupt:
@@ -221,8 +240,9 @@ def _train_and_report(
             monitor = plstar.Monitor(
                 net, dataset.x, dataset.y, every=args.every, kernel_samples=args.kernel_samples,
                 seed=args.seed, memory_budget=args.memory_budget, on_record=folder.record,
-                output=output,
+                output=output, tensorboard=args.tensorboard,
             )  # fmt: skip
+            folder.monitor = monitor
             bars.update(setup, visible=False)
             task = bars.add_task("train", total=args.steps, live="")
 
@@ -263,3 +283,8 @@ def _train_and_report(
         raise Interrupted(folder.kept())
     files = ", ".join(["metrics.jsonl", *folder.written])  # what is on disk, nothing more
     console.print(f"wrote {args.out}/{files} ({time.perf_counter() - started:.1f} s)")
+    if args.tensorboard is not None:
+        console.print(
+            f"TensorBoard: the records and the figure are in {args.tensorboard} "
+            f"(view with tensorboard --logdir {args.tensorboard})"
+        )
