@@ -17,9 +17,10 @@ does not.
 
 A second regime measures where hypothesis and conclusion hold together (experiment 11's setting,
 above its crossover width): n = 4 near-orthogonal points, a depth-2 network wider than m*, μ = λ₀/2
-and β the largest λ_max(H_L) sampled on B(w₀, R) itself (R recomputed until the sampled ball
-covers it). The hypothesis is measured — no λ_min(K) < μ along the λ_min-descent path within R, and
-every sampled λ_min on the ball ≥ μ — then GD with η = 1/β is checked against the same conclusion.
+and β the largest λ_max(H_L) sampled on B(w₀, R) itself (shells R/2 and 1.05·R, R recomputed
+until the sampled ball covers it). The hypothesis is measured — no λ_min(K) < μ along the
+λ_min-descent path within R, and every sampled λ_min on the ball ≥ μ — then GD with η = 1/β is
+checked against the same conclusion.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ HOLDS_FULL = {"width": 2**15, "n": 4, "d": 64, "steps": 300, "every": 100}
 like √L₀/μ): the first full run, at 2^14, failed for seed 2 (r_μ/R = 0.925), so the full width is
 2^15."""
 HOLDS = "hypothesis holds"
+MARGIN = 0.05
+"""The sampled ball's outer shell is at (1 + MARGIN)·R."""
 FLOOR = 1e-24
 """Losses below FLOOR·L₀ are rounding, not convergence: the late rate is measured above it."""
 POINTS = 300
@@ -139,9 +142,11 @@ def _hypothesis_holds(config: dict[str, Any], progress: ProgressCallback | None)
         random / random.norm(),
     )
     radius, sampled, points = theory.gd_radius(beta, mu, float(loss0)), 0.0, []
-    for _ in range(4):  # R grows with β: sample B(w₀, R) until the ball sampled covers the new R
-        sampled = radius
-        points += sample_ball(search, y, (radius / 2, radius), directions)
+    # R grows with β: sample B(w₀, R) until the ball sampled covers the new R. The outer shell
+    # lies a margin beyond R, so that β found a hair larger there does not demand another ball.
+    for _ in range(4):
+        sampled = radius * (1 + MARGIN)
+        points += sample_ball(search, y, (radius / 2, sampled), directions)
         beta = max([beta, *(p["sharpness"] for p in points)])
         radius = theory.gd_radius(beta, mu, float(loss0))
         if radius <= sampled:
