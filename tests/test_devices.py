@@ -32,8 +32,10 @@ import plstar
 import plstar.experiments as experiments
 from plstar import devices, planning
 from plstar.cli.common import problem_device
+from plstar.directions import make_directions
 from plstar.errors import DataError, PlstarInputError
 from plstar.functional import check_device, jacobian_matrix, make_functional
+from plstar.landscape import LandscapeGrid, landscape
 from plstar.models import mlp
 from plstar.region import certify_region
 
@@ -112,6 +114,14 @@ ENTRY_POINTS: dict[str, Callable[[nn.Module, Tensor, Tensor], Any]] = {
         ).losses
     ),
     "train sgd": lambda m, x, y: plstar.train(m, x, y, steps=4, method="sgd", batch_size=2).losses,
+    "landscape": lambda m, x, y: landscape(
+        m,
+        x,
+        y,
+        make_directions(m, x, y, ["random", "lambda-min"], biases="scaled"),
+        LandscapeGrid.regular([(-0.5, 0.5)] * 2, 3, 2),
+        hessian_steps=2,
+    ).to_dict(),
 }
 
 
@@ -257,7 +267,7 @@ def test_distributed_takes_its_devices_from_the_ranks() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
-@pytest.mark.parametrize("command", ["analyze", "train", "certify"])
+@pytest.mark.parametrize("command", ["analyze", "train", "certify", "landscape"])
 def test_cli_refuses_an_absent_device(command: str, capsys: pytest.CaptureFixture) -> None:
     assert run_cli([command, "-n", "4", "--width", "8", "--device", "cuda"]) == 2
     assert "sees no CUDA device" in capsys.readouterr().err

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 import plstar
 from plstar.certify import kernel_spectrum, lambda_min_descent, per_sample_smoothness
+from plstar.directions import make_directions
+from plstar.landscape import LandscapeGrid, landscape
 
 DEFAULT_DTYPE = torch.float64
 
@@ -163,6 +165,14 @@ CALLS: dict[str, Callable[[nn.Module, Tensor, Tensor], Any]] = {
         plstar.make_functional(model, x), x, torch.float64
     ),
     "make_functional": lambda model, x, y: plstar.make_functional(model, x),
+    "landscape": lambda model, x, y: landscape(
+        model,
+        x,
+        y,
+        make_directions(model, x, y, ["random", "gradient"], biases="scaled"),
+        LandscapeGrid.regular([(-0.5, 0.5)] * 2, 3, 2),
+        hessian_steps=2,
+    ),
     "plan_kernel": _plan,
 }
 

@@ -26,8 +26,11 @@ _PUBLIC: dict[str, str] = {
     "EigenEstimate": "plstar.curvature",
     "HessianNorm": "plstar.curvature",
     "loss_gradient": "plstar.curvature",
+    "loss_hessian_min": "plstar.curvature",
     "loss_sharpness": "plstar.curvature",
     "model_hessian_norm": "plstar.curvature",
+    "Direction": "plstar.directions",
+    "make_directions": "plstar.directions",
     "DataError": "plstar.errors",
     "IllDefinedModelError": "plstar.errors",
     "PlstarInputError": "plstar.errors",
@@ -40,6 +43,9 @@ _PUBLIC: dict[str, str] = {
     "infinite_width_nngp": "plstar.infinite_width",
     "infinite_width_ntk": "plstar.infinite_width",
     "tangent_kernel": "plstar.kernel",
+    "landscape": "plstar.landscape",
+    "Landscape": "plstar.landscape_results",
+    "LandscapeGrid": "plstar.landscape_results",
     "LanczosResult": "plstar.lanczos",
     "lanczos": "plstar.lanczos",
     "KernelOperator": "plstar.matrix_free",
@@ -76,9 +82,9 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """The package object. Importing a submodule binds it on its package, and four public
-    functions share their module's name (certify, lanczos, spectrum, train): the function wins,
-    as ``plstar.spectrum(K)`` must work whatever was imported before."""
+    """The package object. Importing a submodule binds it on its package, and five public
+    functions share their module's name (certify, landscape, lanczos, spectrum, train): the
+    function wins, as ``plstar.spectrum(K)`` must work whatever was imported before."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _PUBLIC and isinstance(value, types.ModuleType):
@@ -97,15 +103,19 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         EigenEstimate,
         HessianNorm,
         loss_gradient,
+        loss_hessian_min,
         loss_sharpness,
         model_hessian_norm,
     )
+    from plstar.directions import Direction, make_directions  # noqa: F401
     from plstar.errors import DataError, IllDefinedModelError, PlstarInputError  # noqa: F401
     from plstar.factors import LayerRule  # noqa: F401
     from plstar.functional import FunctionalModel, jacobian_rows, make_functional  # noqa: F401
     from plstar.infinite_width import infinite_width_nngp, infinite_width_ntk  # noqa: F401
     from plstar.kernel import tangent_kernel  # noqa: F401
     from plstar.lanczos import LanczosResult, lanczos  # noqa: F401
+    from plstar.landscape import landscape  # noqa: F401
+    from plstar.landscape_results import Landscape, LandscapeGrid  # noqa: F401
     from plstar.layer_rules import register_rule  # noqa: F401
     from plstar.matrix_free import KernelOperator, kernel_operator  # noqa: F401
     from plstar.monitor import Monitor, Record  # noqa: F401

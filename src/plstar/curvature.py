@@ -1,6 +1,7 @@
 """Second-order quantities by Hessian-vector products, never by dense m×m Hessians.
 
 * :func:`loss_sharpness` — β at w: λ_max of H_L = DFᵀDF + Σ_j r_j H_{F_j} for L = ½‖F − y‖² (summed).
+* :func:`loss_hessian_min` — an upper bound θ_min on λ_min(H_L): negative curvature, when < 0.
 * :func:`model_hessian_norm` — ‖H_F‖ = max_j ‖H_{F_j}‖₂ over the outputs F_j = f_a(w; x_i).
 * :func:`per_sample_smoothness` — β_s ≥ max_i λ_max(H_ℓi), the per-sample smoothness SGD needs.
 
@@ -231,6 +232,38 @@ def loss_sharpness(
         vector=result.vector_max[0],
         converged=result.iterations < max_iter or error <= tol * abs(value),
     )
+
+
+def loss_hessian_min(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    v0: Tensor | None = None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    output: OutputSelector | None = None,
+) -> EigenEstimate:
+    """θ_min: the smallest Ritz value of H_L after ``steps`` Lanczos steps on −H_L (L summed).
+
+    A Rayleigh quotient, so λ_min(H_L) ≤ θ_min: a negative θ_min proves that H_L has a negative
+    eigenvalue (L is not convex at w); a non-negative one proves nothing. ``error_bound`` is the
+    explicit residual ‖H_L s − θ_min s‖, ``vector`` s the unit Ritz vector (a warm start for a
+    neighbouring point); ``v0`` (m,) warm-starts, else the start is drawn with ``seed``.
+    Cost: ``steps`` HVPs (≈ 4 passes over the data each); memory 2·steps·m float64.
+    """
+    steps = whole_number("steps", steps, minimum=1)
+    m, hvp = loss_hvp(model, x, y, memory_budget=memory_budget, output=output)
+    result = lanczos(
+        lambda v: -hvp(v), m, 1, v0=v0, max_iter=steps, tol=1e-10, seed=check_seed(seed),
+        converge="max", device=model_device(model),
+    )  # fmt: skip
+    value, error = -float(result.theta_max[0]), float(result.residual_max[0])
+    return EigenEstimate(
+        value=value, error_bound=error, products=result.iterations, vector=result.vector_max[0],
+        converged=error <= 1e-10 * abs(value),
+    )  # fmt: skip
 
 
 def _iterations_within(budget: int, m: int, wanted: int) -> int:

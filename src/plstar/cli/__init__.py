@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-from plstar.cli import analyze, certify, reproduce, train
+from plstar.cli import analyze, certify, landscape, reproduce, train
 from plstar.cli.common import Incomplete, Interrupted, say_error
 from plstar.cli.options import build_parser, parse
 from plstar.errors import PlstarInputError
@@ -26,7 +26,9 @@ __all__ = ["command_parser", "main"]
 
 def command_parser() -> argparse.ArgumentParser:
     """The whole ``plstar`` parser, every sub-command with its options."""
-    return build_parser([analyze.register, certify.register, train.register, reproduce.register])
+    return build_parser(
+        [analyze.register, certify.register, landscape.register, train.register, reproduce.register]
+    )
 
 
 def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:

@@ -136,14 +136,16 @@ SEED_MAX = 2**32 - 1
 
 
 def add_problem_options(
-    parser: argparse.ArgumentParser, *, seed_use: str, hessian_outputs: int,
-    hessian_help: str,
+    parser: argparse.ArgumentParser, *, seed_use: str, hessian_outputs: int | None = None,
+    hessian_help: str = "", samples_help: str = "default: all",
 ) -> None:  # fmt: skip
-    """The data and model options every measuring command shares (analyze, train)."""
+    """The data and model options every measuring command shares (analyze, train, certify,
+    landscape); --hessian-outputs only where ``hessian_outputs`` gives its default (a command
+    that measures no ‖H_F‖ has no such option, rather than one it would ignore)."""
     group = parser.add_argument_group("data and model")
     group.add_argument(
         "-n", "--samples", LEGACY_SAMPLES_OPTION, dest="samples", type=integer(1), metavar="N",
-        help="Number of samples (default: all; a seeded random subset of a --data file). "
+        help=f"Number of samples ({samples_help}; a seeded random subset of a --data file). "
         "--n is the old spelling: it works, except under torchrun, which misreads it.",
     )  # fmt: skip
     group.add_argument("--width", type=integer(1), default=512,
@@ -178,8 +180,9 @@ def add_problem_options(
         ":mean, along dim 1) or 0 (a tuple's first), or FILE.py:function called on what the "
         "model returns (default: a tensor itself, else logits, else the first tensor).",
     )  # fmt: skip
-    group.add_argument("--hessian-outputs", type=integer(0), default=hessian_outputs,
-                       metavar="COUNT", help=hessian_help)  # fmt: skip
+    if hessian_outputs is not None:
+        group.add_argument("--hessian-outputs", type=integer(0), default=hessian_outputs,
+                           metavar="COUNT", help=hessian_help)  # fmt: skip
     group.add_argument(
         "--memory-budget", type=memory_size, metavar="SIZE",
         help="Working memory, e.g. 2GiB (default: ¼ of physical RAM, at most 2 GiB).",
