@@ -29,7 +29,7 @@ from plstar import theory
 from plstar.conditions import DENSE_SPECTRUM_LIMIT, analyze, json_safe
 from plstar.curvature import loss_gradient, loss_sharpness, model_hessian_norm
 from plstar.curvature import per_sample_smoothness as per_sample_smoothness  # re-exported
-from plstar.devices import HOST, host_normal
+from plstar.devices import direction_generator, host_normal
 from plstar.errors import PlstarInputError
 from plstar.functional import (
     OutputSelector,
@@ -234,7 +234,7 @@ def _directions(
     descent = lambda_min_descent(model, x, **common)
     if descent is not None:
         found.append(("lambda_min descent", descent))
-    generator = torch.Generator(device=HOST).manual_seed(seed)
+    generator = direction_generator(seed)  # not the stream the model's weights came from
     m = gradient.numel()
     for i in range(samples):
         d = host_normal((m,), generator, gradient.device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -93,6 +94,21 @@ def result_device(device: torch.device, result_bytes: int, working_bytes: int) -
     if free is None or result_bytes + working_bytes <= free:
         return device
     return HOST
+
+
+DIRECTION_STREAM = 0x6C616E64
+"""Tag of the random directions' stream (landscape, certify, the region search)."""
+
+
+def direction_generator(seed: int) -> torch.Generator:
+    """The host generator of random directions for ``seed``: seeded from numpy's
+    SeedSequence((seed, DIRECTION_STREAM)), never with ``seed`` itself. plstar's NTK models draw
+    their N(0, 1) weights from ``manual_seed(seed)``: a direction drawn from that stream would
+    repeat the first layer's weight entry for entry (with the default seed 0 of every command)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PlstarInputError(f"seed must be a non-negative integer, got {seed!r}")
+    mixed = np.random.SeedSequence([seed, DIRECTION_STREAM]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=HOST).manual_seed(int(mixed))
 
 
 def host_normal(

@@ -31,17 +31,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from plstar.certify import flat_parameters, lambda_min_descent, trainable_parameters
 from plstar.curvature import loss_gradient
-from plstar.devices import HOST, host_normal, model_device
+from plstar.devices import direction_generator, host_normal, model_device
 from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector
 from plstar.validation import choice
-from plstar.validation import seed as check_seed
 
 BiasHandling = Literal["zero", "scaled"]
 BIAS_HANDLINGS: tuple[str, ...] = get_args(BiasHandling)
@@ -51,7 +49,6 @@ DIRECTION_KINDS: tuple[str, ...] = get_args(DirectionKind)
 # Layers that store their output units along dimension 1: transposed convolutions (in, out, ...)
 # and Hugging Face's GPT-2 Conv1D (in, out), matched by class name like plstar's layer rules.
 _OUTPUT_AXIS_ONE = ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1D")
-DIRECTION_STREAM = 0x6C616E64
 """Second word of the directions' seed sequence (ASCII "land"): a stream of their own."""
 
 
@@ -125,18 +122,6 @@ def filter_normalize(
         else:
             parts.append(torch.zeros_like(draw).reshape(-1))
     return torch.cat(parts)
-
-
-def direction_generator(seed: int) -> torch.Generator:
-    """The host generator of the random directions for ``seed``: seeded from numpy's
-    SeedSequence((seed, DIRECTION_STREAM)), never with ``seed`` itself. plstar's NTK models draw
-    their N(0, 1) weights from ``manual_seed(seed)``: a direction drawn from that stream would
-    repeat the first layer's weight entry for entry, and filter normalization would then make it
-    equal to the weight (a = −1 zeroes the layer)."""
-    mixed = np.random.SeedSequence([check_seed(seed), DIRECTION_STREAM]).generate_state(
-        1, np.uint64
-    )[0]
-    return torch.Generator(device=HOST).manual_seed(int(mixed))
 
 
 def random_direction(

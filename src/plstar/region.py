@@ -29,7 +29,7 @@ from plstar import theory
 from plstar.certify import assign_parameters, certify, flat_parameters, lambda_min_descent
 from plstar.conditions import json_safe
 from plstar.curvature import loss_gradient
-from plstar.devices import HOST, host_normal
+from plstar.devices import direction_generator, host_normal
 from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback
 from plstar.kernel import tangent_kernel
@@ -185,7 +185,7 @@ def pl_region(
     assign_parameters(model, search.w0)
     search.mu = mu_ = lambda0 / 2 if mu is None else float(mu)
     reach = float(search.w0.norm()) or 1.0
-    generator = torch.Generator(device=HOST).manual_seed(seed)
+    generator = direction_generator(seed)  # not the stream the model's weights came from
     scans = [("toward zero", -search.w0 / reach, reach), *[(n, u, 2 * reach) for n, u in
              directions or []]]  # fmt: skip
     for i in range(random_directions):

@@ -69,6 +69,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_problem_options(
         parser, seed_use="the data subset, weights and directions", hessian_outputs=4,
         hessian_help="Outputs examined for ‖H_F‖ at each point (0 = all).",
+        samples_help=f"default: {DEFAULT_SAMPLES} of the digits, every sample of a --data file",
     )  # fmt: skip
     group = parser.add_argument_group("certificate")
     group.add_argument("--directions", type=integer(0), default=2, metavar="COUNT",
