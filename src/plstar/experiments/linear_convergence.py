@@ -290,10 +290,10 @@ def _convergence_figure(data: dict[str, Any], setting_text: str) -> Figure:
     rho_ax.axhline(1.0, color="grey", linestyle=":")
     rho_ax.set_yscale("log")
     loss_ax.set(xlabel="GD step t", ylabel="L(w_t) (summed)",
-                title="loss (solid) and envelope (1 − μ/β)^t·L₀ (dashed)")  # fmt: skip
+                title="loss (solid),\nenvelope (1 − μ/β)^t·L₀ (dashed)")  # fmt: skip
     distance_ax.set(xlabel="GD step t", ylabel="‖w_t − w₀‖",
-                    title="distance from w₀ (solid), R = 2√(2βL₀)/μ (dashed) and the PL* region "
-                    "r_μ found (dotted)")  # fmt: skip
+                    title="distance from w₀ (solid), R = 2√(2βL₀)/μ (dashed),\n"
+                    "PL* region r_μ found (dotted)")  # fmt: skip
     rho_ax.set(xlabel="GD step t", ylabel="ρ(w_t) / μ", title="PL ratio along the path")
     loss_ax.legend(fontsize="small")
     fig.suptitle(
