@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,13 @@ def float64_by_default(request: pytest.FixtureRequest):
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def sigint_as_python_sets_it() -> None:
+    """``preexec_fn`` for a child that must stop on SIGINT: a shell's background job (CI run with
+    ``&``, nohup) starts with SIGINT ignored, a child inherits that, and Python then never raises
+    KeyboardInterrupt; with the default disposition at exec, Python installs its own handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(args: list[str]) -> int:

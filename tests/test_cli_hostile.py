@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, sigint_as_python_sets_it
 
 PLSTAR = shutil.which("plstar")
 pytestmark = pytest.mark.skipif(
@@ -293,7 +293,7 @@ def _start(args: list[str], cwd: Path, marker: Path | None = None) -> subprocess
     env = ENV | ({"PLSTAR_TEST_MARKER": str(marker)} if marker is not None else {})
     return subprocess.Popen(
         [PLSTAR, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        text=True, preexec_fn=sigint_as_python_sets_it,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli as run
+from conftest import sigint_as_python_sets_it
 
 SMALL = [
     "--samples",
@@ -61,7 +62,7 @@ def test_sgd_reports_step_rate_and_saturation_batch_size(tmp_path: Path) -> None
 
 
 def start(out: Path) -> subprocess.Popen:
-    """A long run in a child process (SIGINT is not ignored there, unlike shell background jobs)."""
+    """A long run in a child process that stops on SIGINT (:func:`sigint_as_python_sets_it`)."""
     command = [
         sys.executable,
         "-m",
@@ -73,7 +74,10 @@ def start(out: Path) -> subprocess.Popen:
         "--out",
         str(out),
     ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=sigint_as_python_sets_it,
+    )  # fmt: skip
 
 
 def wait_for_lines(child: subprocess.Popen, path: Path, count: int) -> None:

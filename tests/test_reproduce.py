@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli as run
+from conftest import sigint_as_python_sets_it
 from matplotlib.image import imread
 
 import plstar.experiments as registry
@@ -239,8 +240,9 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_resume_skips_them(
                "--only", "99", "--out", str(out), "--jobs", str(jobs)]  # fmt: skip
     env = os.environ | {"FAKE_SLEEP": "60"}
     child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=sigint_as_python_sets_it,
+    )  # fmt: skip
     runs = out / "runs" / "99-fake_claim"
     deadline = time.monotonic() + 120
     while child.poll() is None and time.monotonic() < deadline:
