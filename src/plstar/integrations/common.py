@@ -179,3 +179,31 @@ class WatchedRun:
             )
         self.monitor.close(title=title)
         return last
+
+
+class WatchingCallback:
+    """The arguments, the :class:`WatchedRun` and ``monitor`` of both trainer callbacks; each
+    adds only its framework's hooks and logging (it is listed before the framework's base)."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        every_n_steps: int = 50,
+        module: ModuleChoice = None,
+        output: OutputSelector | None = None,
+        folder: str | Path | None = None,
+        **monitor_options: Any,
+    ) -> None:
+        super().__init__()
+        self.run = WatchedRun(
+            x, y, every_n_steps=every_n_steps, module=module, output=output,
+            monitor_options=monitor_options,
+        )  # fmt: skip
+        self.folder = None if folder is None else Path(folder)
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The Monitor of the current (or last) training run; None before training starts."""
+        return self.run.monitor

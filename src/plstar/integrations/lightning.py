@@ -13,11 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
-from plstar.functional import OutputSelector
-from plstar.integrations.common import ModuleChoice, WatchedRun
-from plstar.monitor import Monitor, Record
+from plstar.integrations.common import WatchingCallback
+from plstar.monitor import Record
 
 try:
     import lightning.pytorch as pl
@@ -29,7 +26,7 @@ except ImportError as missing:  # pragma: no cover - the optional extra is absen
 __all__ = ["PLStarCallback"]
 
 
-class PLStarCallback(pl.Callback):
+class PLStarCallback(WatchingCallback, pl.Callback):
     """Watches L = ½‖F − y‖² (summed), ρ, ‖w − w₀‖, K and β on a fixed subsample during ``fit``.
 
     At train start a :class:`plstar.Monitor` is created on the LightningModule (or the submodule
@@ -58,29 +55,6 @@ class PLStarCallback(pl.Callback):
     ``kernel_samples``, ``sharpness``, ``mu``, ``beta``, ``seed``, ``tensorboard``, ...).
     Cost: the Monitor's (:class:`plstar.integrations.common.WatchedRun`).
     """
-
-    def __init__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        *,
-        every_n_steps: int = 50,
-        module: ModuleChoice = None,
-        output: OutputSelector | None = None,
-        folder: str | Path | None = None,
-        **monitor_options: Any,
-    ) -> None:
-        super().__init__()
-        self.run = WatchedRun(
-            x, y, every_n_steps=every_n_steps, module=module, output=output,
-            monitor_options=monitor_options,
-        )  # fmt: skip
-        self.folder = None if folder is None else Path(folder)
-
-    @property
-    def monitor(self) -> Monitor | None:
-        """The Monitor of the current (or last) fit; None before train start."""
-        return self.run.monitor
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

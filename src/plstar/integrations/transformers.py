@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from plstar.functional import OutputSelector
-from plstar.integrations.common import ModuleChoice, WatchedRun
-from plstar.monitor import Monitor, Record
+from plstar.integrations.common import WatchingCallback
+from plstar.monitor import Record
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -30,7 +29,7 @@ except ImportError as missing:  # pragma: no cover - the optional extra is absen
 __all__ = ["PLStarTrainerCallback"]
 
 
-class PLStarTrainerCallback(TrainerCallback):
+class PLStarTrainerCallback(WatchingCallback, TrainerCallback):
     """Watches L = ½‖F − y‖² (summed), ρ, ‖w − w₀‖, K and β on a fixed subsample during ``train``.
 
     At train begin a :class:`plstar.Monitor` is created on the Trainer's model (or the submodule
@@ -58,28 +57,6 @@ class PLStarTrainerCallback(TrainerCallback):
     default 100; ``kernel_samples``, ``sharpness``, ``mu``, ``beta``, ``seed``, ``tensorboard``).
     Cost: the Monitor's (:class:`plstar.integrations.common.WatchedRun`).
     """
-
-    def __init__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        *,
-        every_n_steps: int = 50,
-        module: ModuleChoice = None,
-        output: OutputSelector | None = None,
-        folder: str | Path | None = None,
-        **monitor_options: Any,
-    ) -> None:
-        self.run = WatchedRun(
-            x, y, every_n_steps=every_n_steps, module=module, output=output,
-            monitor_options=monitor_options,
-        )  # fmt: skip
-        self.folder = None if folder is None else Path(folder)
-
-    @property
-    def monitor(self) -> Monitor | None:
-        """The Monitor of the current (or last) training run; None before train begin."""
-        return self.run.monitor
 
     def on_train_begin(
         self,
