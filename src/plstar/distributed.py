@@ -48,7 +48,6 @@ from plstar.errors import PlstarInputError
 from plstar.functional import OutputSelector, ProgressCallback, chunks
 from plstar.functional import make_functional as _make_functional
 from plstar.kernel import mirror_upper_triangle_
-from plstar.lanczos import lanczos
 from plstar.planning import IMPLEMENTATIONS, Implementation, default_memory_budget
 from plstar.spectrum import Spectrum, Which
 from plstar.spectrum import spectrum as _spectrum
@@ -373,8 +372,6 @@ def _kernel_part(
                      **({"tol": 1e-8} if operator_path else {}))  # fmt: skip
     # The top eigenvector warm-starts β, as in conditions.analyze: Lanczos on the distributed
     # products, in lockstep on every rank.
-    iterations, tol = (60, 1e-8) if operator_path else (100, 1e-10)
-    top = guarded("top eigenvector", lambda: lanczos(
-        lambda v: (kernel @ v.T).T, kernel.shape[0], max_iter=iterations, tol=tol, seed=seed,
-        converge="max", device=kernel.device), group)  # fmt: skip
-    return found, top.vector_max[0], kernel.implementation
+    top = guarded("top eigenvector", lambda: conditions.top_eigenvector(
+        kernel, assembled=not operator_path, seed=seed), group)  # fmt: skip
+    return found, top, kernel.implementation
