@@ -56,18 +56,30 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
 METHODS = ("recipe", "plstar", "analyze")
 
 
-def recipe_kernel(model: nn.Module, x: Tensor, output: Any) -> Tensor:
-    """K = J·Jᵀ with J from vmap(jacrev) over samples: J is n·k·m numbers, held at once."""
+def recipe_kernel(model: nn.Module, x: Tensor, output: Any, block: int | None = None) -> Tensor:
+    """K = J·Jᵀ with J from vmap(jacrev) over samples, summed over parameter blocks (no
+    concatenated copy of J). ``block`` None: J of all n samples at once (n·k·m numbers, the
+    recipe as written); a count: J of ``block`` samples at a time, each block's J computed once
+    per row block and reused on its diagonal (what fits a GPU when all of J does not)."""
     selected = Selected(model, output)
     params = {name: p.detach() for name, p in selected.named_parameters()}
 
     def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         return functional_call(selected, p, (xi.unsqueeze(0),)).squeeze(0)
 
-    jacobian = vmap(jacrev(single), (None, 0))(params, x)  # {name: (n, k, *shape)}
-    rows = x.shape[0] * next(iter(jacobian.values())).shape[1]
-    blocks = (j.reshape(rows, -1) for j in jacobian.values())
-    return sum(j @ j.T for j in blocks)  # type: ignore[return-value]
+    def rows(xs: Tensor) -> list[Tensor]:
+        jacobian = vmap(jacrev(single), (None, 0))(params, xs)  # {name: (c, k, *shape)}
+        return [j.reshape(xs.shape[0] * j.shape[1], -1) for j in jacobian.values()]
+
+    size = x.shape[0] if block is None else block
+    blocks = [slice(s, min(x.shape[0], s + size)) for s in range(0, x.shape[0], size)]
+    out_rows = []
+    for a in blocks:
+        left = rows(x[a])
+        right = [left if b == a else rows(x[b]) for b in blocks]
+        out_rows.append(torch.cat([sum(u @ v.T for u, v in zip(left, r, strict=True))
+                                   for r in right], 1))  # fmt: skip
+    return torch.cat(out_rows, 0)
 
 
 def _selecting(output: Any) -> dict[str, Any]:

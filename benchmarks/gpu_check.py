@@ -47,12 +47,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from architectures import Selected, build  # noqa: E402
+from architecture_benchmark import recipe_kernel  # noqa: E402
+from architectures import build  # noqa: E402
 from report_sections import write_section  # noqa: E402
 
 import plstar  # noqa: E402
@@ -86,28 +86,6 @@ def relative(found: Tensor | float, expected: Tensor | float) -> float:
     a = torch.as_tensor(found, dtype=torch.float64, device="cpu")
     b = torch.as_tensor(expected, dtype=torch.float64, device="cpu")
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def recipe_kernel(model: nn.Module, x: Tensor, output: Any, block: int) -> Tensor:
-    """The torch.func recipe: J of a sample block by vmap(jacrev), then K blocks = Σ_params J·Jᵀ;
-    blocked over samples so that two blocks of J fit (the verbatim recipe holds all of J)."""
-    selected = Selected(model, output)
-    params = {name: p.detach() for name, p in selected.named_parameters()}
-
-    def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return functional_call(selected, p, (xi.unsqueeze(0),)).squeeze(0)
-
-    def rows(xs: Tensor) -> list[Tensor]:
-        jac = vmap(jacrev(single), (None, 0))(params, xs)
-        return [j.reshape(xs.shape[0] * j.shape[1], -1) for j in jac.values()]
-
-    blocks = [slice(s, min(x.shape[0], s + block)) for s in range(0, x.shape[0], block)]
-    out_rows = []
-    for a in blocks:
-        left = rows(x[a])
-        pairs = [zip(left, rows(x[b]), strict=True) for b in blocks]
-        out_rows.append(torch.cat([sum(u @ v.T for u, v in pair) for pair in pairs], 1))
-    return torch.cat(out_rows, 0)
 
 
 def mlp_problem(
