@@ -8,7 +8,7 @@ from conftest import dense_kernel
 from torch import Tensor, nn
 
 import plstar
-from plstar import entry_check, structured
+from plstar import entry_check, recording, structured
 from plstar.functional import make_functional
 from plstar.models import cnn, mlp
 from plstar.structured import split_parameters
@@ -358,3 +358,65 @@ def test_position_pair_contraction_equals_its_definition(kind: str, same_block: 
     assert float((K - expected).abs().max() / expected.abs().max()) < 1e-13
     width = p if kind == "gram" else 1
     assert flops_per_pair([left], k) == position_pair_flops(positions, width, k, q)
+
+
+class InPlaceResidual(nn.Module):
+    """In-place ReLU and ``+=`` after hooked layers: the recording must copy to stay right."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu_(self.inp(x))
+        z = self.mid(h)
+        z += h
+        return self.out(torch.tanh(z))
+
+
+@pytest.mark.parametrize("k", [1, 4, 7, 10])
+@pytest.mark.parametrize("in_place", [False, True], ids=["plain", "in-place"])
+@pytest.mark.parametrize("copies", [None, 3], ids=["all-outputs", "groups-of-3"])
+def test_recorded_cotangents_equal_one_reverse_pass_per_output(
+    k: int, in_place: bool, copies: int | None
+) -> None:
+    """Sweeps over fewer copies than outputs (k = 7: the last sweep seeds one of two copies)
+    give, for every output a and sample i, the cotangent of one plain reverse pass of f_a."""
+    torch.manual_seed(k)
+    model = (InPlaceResidual(k) if in_place else ResidualLayerNorm(k=k)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fmodel = make_functional(model, x)
+    modules = structured.rule_modules(model)[0]
+    got = recording.record(fmodel, x, modules, copies)
+    outputs: dict[str, Tensor] = {}
+
+    def keep(name: str, output: Tensor) -> Tensor:  # in-place operations change the clone
+        outputs[name] = output
+        return output.clone()
+
+    hooks = [
+        m.register_forward_hook(lambda m, a, o, name=name: keep(name, o))
+        for name, m in modules.items()
+    ]
+    try:
+        for a in range(k):
+            out = model(x)
+            names = list(outputs)
+            grads = torch.autograd.grad(out[:, a].sum(), [outputs[n] for n in names])
+            for call, cot in zip(got.calls, got.cotangents, strict=True):
+                expected = grads[names.index(call.name)]
+                assert torch.allclose(cot[a], expected, rtol=1e-13, atol=1e-14), (call.name, a)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_replicas_stay_near_the_square_root_and_waste_few_reverse_copies() -> None:
+    for k in range(1, 201):
+        r = recording.replicas(k)
+        sweeps = -(-k // r)
+        assert 1 <= r <= min(k, 2 * k**0.5 + 1)
+        assert sweeps <= 2 * k**0.5 + 1
+        assert sweeps * r - k < r  # only the last sweep seeds fewer copies than it runs
+        if k % max(1, round(k**0.5)) == 0:
+            assert sweeps * r == k  # a divisor near √k: nothing wasted

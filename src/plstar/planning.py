@@ -20,6 +20,7 @@ from plstar.devices import device_budget, physical_memory
 from plstar.entry_check import verified_probe
 from plstar.factors import GRAM_SLOWDOWN
 from plstar.functional import FunctionalModel
+from plstar.recording import replicas
 from plstar.validation import choice, floating_dtype, whole_number
 
 Implementation = Literal["auto", "structured", "jacobian", "ntvp"]
@@ -206,8 +207,9 @@ class _Sizes:
 
     @property
     def recording_flops(self) -> float:
-        """One sample's structured features: a forward and a reverse pass over k copies."""
-        return self.costs.forward_flops * 3 * self.k * _PASS_SLOWDOWN
+        """One sample's structured features: a forward pass over √k copies and reverse sweeps
+        over k (:func:`plstar.recording.replicas`)."""
+        return self.costs.forward_flops * (replicas(self.k) + 2 * self.k) * _PASS_SLOWDOWN
 
     @property
     def jacobian_bytes(self) -> int:
