@@ -420,3 +420,38 @@ def test_replicas_stay_near_the_square_root_and_waste_few_reverse_copies() -> No
         assert sweeps * r - k < r  # only the last sweep seeds fewer copies than it runs
         if k % max(1, round(k**0.5)) == 0:
             assert sweeps * r == k  # a divisor near √k: nothing wasted
+
+
+class FreeParameters(nn.Module):
+    """Parameters no module owns: a class token and a position embedding broadcast over the
+    batch (per-sample gradients from the recording), a (1, d) shift used through its first row
+    (its leaf's rows are not per-sample gradients) and a (1, d) matrix (its leaf changes F)."""
+
+    def __init__(self, d: int = 4, k: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 6, d))
+        self.shift = nn.Parameter(torch.randn(1, d))
+        self.gate = nn.Parameter(torch.randn(1, d))
+        self.out = nn.Linear(d, k)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (c, 5, 3)
+        h = self.inp(x)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed
+        h = torch.tanh(h + self.shift[0])
+        return self.out(h[:, 0] * (h[:, 1] @ self.gate.T))
+
+
+def test_parameters_broadcast_over_the_batch_get_gradients_from_the_recording() -> None:
+    torch.manual_seed(0)
+    model = FreeParameters().double()
+    x = torch.randn(5, 5, 3, dtype=torch.float64)
+    found = structured.probe(make_functional(model, x), x)
+    assert found.broadcast == ("cls_token", "pos_embed")
+    assert found.fallback == ["shift", "gate"]
+    for implementation in ("structured", "auto"):
+        kernel = plstar.tangent_kernel(model, x, implementation=implementation)
+        torch.testing.assert_close(kernel, dense_kernel(model, x), rtol=1e-10, atol=1e-12)
+    cross = plstar.tangent_kernel(model, x[:2], x[2:], implementation="structured")
+    torch.testing.assert_close(cross, dense_kernel(model, x)[:6, 6:], rtol=1e-10, atol=1e-12)

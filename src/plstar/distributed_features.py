@@ -157,7 +157,8 @@ def feature_function(
         modules, fallback = (
             (found.modules, found.fallback) if found else structured.split_parameters(fmodel)
         )
-        return lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype)
+        broadcast = found.broadcast if found else ()
+        return lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype, broadcast)
 
     def rows(xs: Tensor) -> structured.BlockFeatures:
         with torch.no_grad():

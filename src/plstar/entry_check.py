@@ -76,8 +76,9 @@ def entry_check(fmodel: FunctionalModel, x: Tensor, found: Probe) -> EntryCheck:
             worst = max(worst, miss / max(scale, floor, 1e-300))
         return worst
 
-    # the covered parameters together (fallback rows are Jacobian rows: exact by construction)
-    covered = [name for names in found.units.values() for name in names]
+    # the covered parameters together (fallback rows are Jacobian rows: exact by construction;
+    # broadcast parameters' rows come from the recording, so they are checked with the rest)
+    covered = [name for names in found.units.values() for name in names] + [*found.broadcast]
     total = error(entries(found.features.factors), covered, 0.0) if covered else 0.0
     floor = 1e-12 * math.sqrt(float(sum(g[0] @ g[0] for g in grads.values())))
     units = {

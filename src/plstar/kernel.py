@@ -311,10 +311,10 @@ def planned_tangent_kernel(
         with torch.no_grad():
             kernel = _ntvp_kernel(fmodel, x, x2_, symmetric, plan, dtype, progress)
     elif found is not None:
-        modules, fallback = found.modules, found.fallback
+        modules, fallback, broadcast = found.modules, found.fallback, found.broadcast
         kernel = _assemble(
             x, x2_, symmetric, plan, fmodel.k, dtype,
-            lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype),
+            lambda xs: structured.block_features(fmodel, xs, modules, fallback, dtype, broadcast),
             lambda a, b: structured.contract_blocks(a, b, fmodel.k), progress,
         )  # fmt: skip
     else:

@@ -99,7 +99,9 @@ class KernelOperator:
         return [
             (
                 rows,
-                structured.block_features(fm, x[rows], found.modules, found.fallback, self.dtype),
+                structured.block_features(
+                    fm, x[rows], found.modules, found.fallback, self.dtype, found.broadcast
+                ),
             )
             for rows in chunks(n, block)
         ]

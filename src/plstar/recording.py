@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from plstar.devices import HOST
 from plstar.functional import FunctionalModel
@@ -133,16 +134,22 @@ def record_calls(
 
 @dataclass
 class Recording:
-    """One forward pass with hooks: F of the block (c, k), the calls, and the cotangents of the
-    usable calls' outputs, each (k, c, ...) with [a, i] = ∂f_a(x_i)/∂z_i."""
+    """One forward pass with hooks: F of the block (c, k), the calls, the cotangents of the
+    usable calls' outputs, each (k, c, ...) with [a, i] = ∂f_a(x_i)/∂z_i, and the per-sample
+    gradients of the broadcast parameters, each (k, c, *shape[1:]) with [a, i] = ∂f_a(x_i)/∂p."""
 
     out: Tensor
     calls: list[LayerCall]
     cotangents: list[Tensor] = field(default_factory=list)
+    parameter_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 def record(
-    fmodel: FunctionalModel, x: Tensor, modules: dict[str, nn.Module], copies: int | None = None
+    fmodel: FunctionalModel,
+    x: Tensor,
+    modules: dict[str, nn.Module],
+    copies: int | None = None,
+    broadcast: tuple[str, ...] = (),
 ) -> Recording:
     """Forward pass over :func:`replicas` stacked copies of x with hooks on ``modules``, then
     reverse sweeps over the retained graph, each seeding output a on copy a: every cotangent of
@@ -157,12 +164,18 @@ def record(
     refuse batch coupling), so each copy computes F. A call whose input or output an in-place
     operation changed marks its module for copies and the pass is run again (a model without
     in-place operations runs once).
+
+    ``broadcast`` names parameters of shape (1, ...) that the forward broadcasts over the batch
+    (a ViT's class token and position embedding): each is replaced by a leaf with one row per
+    sample (equal values), whose gradient rows are then the per-sample gradients
+    (:attr:`Recording.parameter_grads`); whether a parameter is used that way is the caller's to
+    check (:func:`plstar.structured.probe` compares with Jacobian rows).
     """
     k = fmodel.k
     group = k if copies is None else max(1, min(k, copies))
     for _ in range(len(modules) + 1):
-        passes = [_one_pass(fmodel, x, modules, start, min(k, start + group)) for start in
-                  range(0, k, group)]  # fmt: skip
+        passes = [_one_pass(fmodel, x, modules, start, min(k, start + group), broadcast)
+                  for start in range(0, k, group)]  # fmt: skip
         if any(p is None for p in passes):
             continue  # an in-place change: its module is copied from now on
         first = passes[0]
@@ -173,7 +186,11 @@ def record(
             else cot
             for i, cot in enumerate(first.cotangents)
         ]
-        return Recording(first.out, first.calls, cotangents)
+        grads = {
+            name: torch.cat([p.parameter_grads[name] for p in passes])  # type: ignore[union-attr]
+            for name in broadcast
+        }
+        return Recording(first.out, first.calls, cotangents, grads)
     raise AssertionError("copies of the recorded tensors did not stop in-place changes")
 
 
@@ -191,7 +208,12 @@ def replicas(outputs: int) -> int:
 
 
 def _one_pass(
-    fmodel: FunctionalModel, x: Tensor, modules: dict[str, nn.Module], start: int, stop: int
+    fmodel: FunctionalModel,
+    x: Tensor,
+    modules: dict[str, nn.Module],
+    start: int,
+    stop: int,
+    broadcast: tuple[str, ...],
 ) -> Recording | None:
     """Outputs start..stop: a forward pass on :func:`replicas` copies of x, then reverse sweeps
     over the retained graph, sweep s seeding output start + s·r + a on copy a; None when an
@@ -200,8 +222,13 @@ def _one_pass(
     copies = replicas(stop - start)
     stacked = x.repeat(copies, *[1] * (x.ndim - 1)) if copies > 1 else x
     with torch.enable_grad(), record_calls(modules, c, copies) as calls:
+        leaves = {
+            name: fmodel.params[name].expand(copies * c, *fmodel.params[name].shape[1:])
+            .clone().requires_grad_()
+            for name in broadcast
+        }  # fmt: skip
         try:
-            out = fmodel.pick(fmodel.module(stacked)).reshape(copies * c, k)
+            out = fmodel.pick(_forward(fmodel, stacked, leaves)).reshape(copies * c, k)
         except Exception as error:
             shared = {call.name for call in calls if call.shared}
             if not shared:
@@ -211,7 +238,7 @@ def _one_pass(
         if changed:
             _IN_PLACE.update(changed)
             return None
-        usable = [call.output for call in calls if call.problem is None]
+        usable = [call.output for call in calls if call.problem is None] + list(leaves.values())
         eye = torch.eye(k, dtype=out.dtype, device=out.device)
         firsts = range(start, stop, copies)
         sweeps: list[list[Tensor]] = []
@@ -235,4 +262,15 @@ def _one_pass(
     cotangents = [
         torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*sweeps, strict=True)
     ]
-    return Recording(out[:c], calls, cotangents)
+    layers = len(cotangents) - len(leaves)
+    grads = dict(zip(broadcast, cotangents[layers:], strict=True))
+    return Recording(out[:c], calls, cotangents[:layers], grads)
+
+
+def _forward(fmodel: FunctionalModel, x: Tensor, leaves: dict[str, Tensor]) -> object:
+    """The module's raw output, with ``leaves`` in place of the parameters so named (and their
+    aliases); every other parameter is the module's own, so the graph reaches them."""
+    if not leaves:
+        return fmodel.module(x)
+    bound = {**leaves, **{alias: leaves[name] for alias, name in fmodel.aliases if name in leaves}}
+    return functional_call(fmodel.module, bound, (x,), strict=False, tie_weights=False)

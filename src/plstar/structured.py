@@ -8,10 +8,13 @@ n² k² d_in d_out, and the Jacobian is never formed. The layer rules are in
 :mod:`plstar.layer_rules`; this module records what they need and decides, module by module,
 where they apply.
 
-Recording (:mod:`plstar.recording`): forward hooks and one reverse pass over k copies, safe against
-in-place operations after a hooked layer. A module called on a tensor shared by all samples
-(first dimension 1, e.g. position embeddings indexed by a (1, T) tensor) has its output expanded
-to the batch, so its cotangents are per sample.
+Recording (:mod:`plstar.recording`): forward hooks on about √k copies of the samples and reverse
+sweeps over the retained graph, safe against in-place operations after a hooked layer. A module
+called on a tensor shared by all samples (first dimension 1, e.g. position embeddings indexed by
+a (1, T) tensor) has its output expanded to the batch, so its cotangents are per sample.
+Parameters no module owns but the forward broadcasts over the batch (a class token, a position
+embedding) get their per-sample gradients from the same sweeps
+(:mod:`plstar.broadcast_parameters`).
 
 Per-layer fallback: a module whose rule cannot apply on this input — no per-sample layout, a
 subclass whose output is not the one its rule assumes, never called by the forward (its
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from plstar import factors as algebra
 from plstar import layer_rules
+from plstar.broadcast_parameters import broadcast_parameters, broadcast_rows
 from plstar.costs import activation_bytes_per_sample
 from plstar.errors import PlstarInputError
 from plstar.factors import Factor
@@ -110,17 +114,20 @@ def block_features(
     modules: dict[str, nn.Module],
     fallback: list[str],
     dtype: torch.dtype,
+    broadcast: tuple[str, ...] = (),
 ) -> BlockFeatures:
     """Layer inputs and output cotangents of a block of samples, cast to ``dtype``.
 
-    One forward pass with hooks over k copies of the block, then one reverse pass giving δ_ia
-    for every recorded call at once (:func:`plstar.recording.record`); a second forward pass
+    One forward pass with hooks over about √k copies of the block, then reverse sweeps giving
+    δ_ia for every recorded call (:func:`plstar.recording.record`); a second forward pass
     only when an in-place operation changed a recorded tensor of a module not yet known for it.
-    Parameters in ``fallback`` get Jacobian rows by vmap(jacrev). Raises NotPerSampleError when
+    Parameters in ``broadcast`` get their per-sample gradients from the same reverse sweeps
+    (:func:`plstar.recording.record`), those in ``fallback`` Jacobian rows by vmap(jacrev).
+    Raises NotPerSampleError when
     a module of ``modules`` is not called batch-first, or not called at all, on this block (the
     probe of the first samples found it was).
     """
-    recording = record(fmodel, x, modules)
+    recording = record(fmodel, x, modules, broadcast=broadcast)
     bad = next((call for call in recording.calls if call.problem is not None), None)
     if bad is not None:
         raise NotPerSampleError(
@@ -134,8 +141,8 @@ def block_features(
             f"module {missing[0]!r} is not called on samples where it was called before: its "
             "use depends on the data; use implementation='jacobian'"
         )
-    merged = algebra.merge_rows([f for made in per_unit.values() for f in made])
-    return BlockFeatures(merged, fallback_rows(fmodel, x, fallback, dtype))
+    made = [f for each in per_unit.values() for f in each] + broadcast_rows(recording, dtype)
+    return BlockFeatures(algebra.merge_rows(made), fallback_rows(fmodel, x, fallback, dtype))
 
 
 def contract_blocks(left: BlockFeatures, right: BlockFeatures, k: int) -> Tensor:
@@ -226,7 +233,8 @@ class Probe:
     cost a few small forward and reverse passes.
 
     ``rows_reasons`` says, per module whose parameters take Jacobian rows, why; ``fallback``
-    lists every parameter that takes them; ``per_unit`` holds each unit's factors
+    lists every parameter that takes them; ``broadcast`` those that no module owns but the
+    forward broadcasts over the batch, whose per-sample gradients the recording gives; ``per_unit`` holds each unit's factors
     (:func:`tied_units`) and ``units`` its parameters; ``footprint`` the sizes, which outlive the
     tensors (:meth:`stripped`).
     """
@@ -239,6 +247,7 @@ class Probe:
     per_unit: dict[str, list[Factor]] = field(default_factory=dict)
     units: dict[str, list[str]] = field(default_factory=dict)
     footprint: Footprint | None = None
+    broadcast: tuple[str, ...] = ()
 
     def bytes(self, dtype: torch.dtype, k: int) -> tuple[int, int]:
         """(bytes of one sample's features in ``dtype``, bytes of the contraction's temporaries
@@ -330,10 +339,11 @@ def probe(
     """Features of x[:2] in float64, after routing every module the rules cannot serve to
     Jacobian rows (starting from ``routing``, default every module with a supported rule).
 
-    Cost: a hooked forward and a reverse pass over k copies of two samples per round (in groups
-    of copies whose activations fit ``memory_budget``); a second round only when a module had
-    to leave the hooked set. The fallback parameters' Jacobian
-    rows are sized (:class:`Footprint`), not computed.
+    Cost: a hooked forward pass and reverse sweeps over two samples per round (the outputs in
+    groups whose copies' activations fit ``memory_budget``); a second round only when a module
+    had to leave the hooked set; one more recording (and two samples' Jacobian rows) for the
+    parameters that no module owns (:func:`plstar.broadcast_parameters.broadcast_parameters`).
+    The fallback parameters' Jacobian rows are sized (:class:`Footprint`), not computed.
     """
     modules, reasons = rule_modules(fmodel.module) if routing is None else routing
     modules, reasons = dict(modules), dict(reasons)
@@ -351,9 +361,13 @@ def probe(
         modules, reasons = drop_partial_ties(fmodel.module, modules, reasons)
     units = unit_parameters(fmodel, modules)
     covered = {p for names in units.values() for p in names}
-    fallback = [name for name in fmodel.params if name not in covered]
-    merged = algebra.merge_rows([f for made in per_unit.values() for f in made])
-    features = BlockFeatures(merged, None)  # fallback rows: sized, not computed
+    unowned = [name for name in fmodel.params if name not in covered]
+    broadcast, rows = broadcast_parameters(fmodel, pair, unowned)
+    fallback = [name for name in unowned if name not in broadcast]
+    made = [f for each in per_unit.values() for f in each] + rows
+    features = BlockFeatures(algebra.merge_rows(made), None)  # fallback rows: sized, not computed
     width = sum(fmodel.params[name].numel() for name in fallback)
     size = Footprint.of(features, pair.shape[0], fmodel.k, width)
-    return Probe(features, pair.shape[0], modules, fallback, reasons, per_unit, units, size)
+    return Probe(
+        features, pair.shape[0], modules, fallback, reasons, per_unit, units, size, broadcast
+    )
