@@ -118,3 +118,29 @@ def test_auto_takes_the_forward_mode_products_when_no_block_of_rows_fits() -> No
         symmetric=True, probe=None,
     )  # fmt: skip
     assert without.implementation == "ntvp" and without.planned_bytes <= budget
+
+
+def test_sample_costs_are_measured_once_per_model_and_shapes(monkeypatch) -> None:
+    """Repeated kernels (a monitor, one per training step) skip the counting forward pass; new
+    parameter shapes or sample shapes measure again, and the figures are those of a fresh
+    measurement."""
+    from plstar import costs
+
+    measured = []
+    measure = costs._measure
+    monkeypatch.setattr(costs, "_measure", lambda *a: measured.append(a[1].shape) or measure(*a))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    first = costs.sample_costs(make_functional(model, x), x)
+    count = lambda: 2.0 * sum(p.numel() for p in model.parameters())  # noqa: E731  (≥ the GEMMs')
+    assert first.forward_flops == count() and len(measured) == 1
+    other = torch.randn(7, 4, dtype=torch.float64)  # other values, same sample shape
+    assert costs.sample_costs(make_functional(model, other), other) == first
+    plstar.tangent_kernel(model, x)
+    assert len(measured) == 1  # remembered
+    model[2] = nn.Linear(8, 2).double()  # new parameter shapes and k
+    changed = costs.sample_costs(make_functional(model, x), x)
+    assert changed.forward_flops == count() < first.forward_flops and len(measured) == 2
+    longer = torch.randn(5, 3, 4, dtype=torch.float64)  # new sample shape
+    costs.sample_costs(make_functional(model, longer), longer)
+    assert len(measured) == 3

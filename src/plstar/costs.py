@@ -3,11 +3,11 @@ of its forward pass, measured on one sample so that plans fit any module."""
 
 from __future__ import annotations
 
-import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from plstar.functional import FunctionalModel
@@ -54,11 +54,33 @@ class _FlopCount(TorchFunctionMode):
         return out
 
 
-def sample_costs(fmodel: FunctionalModel, x: Tensor, count_flops: bool = True) -> SampleCosts:
+# Costs measured per model, with the shapes they were measured for: a repeated call (a monitor,
+# a kernel per training step) does not run the counting forward pass again (weakly held).
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, SampleCosts]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shapes(fmodel: FunctionalModel, x: Tensor) -> tuple:
+    params = tuple((name, tuple(p.shape), p.dtype) for name, p in fmodel.params.items())
+    return params, tuple(x.shape[1:]), x.dtype, x.device
+
+
+def sample_costs(fmodel: FunctionalModel, x: Tensor) -> SampleCosts:
     """Bytes autograd saves for one sample's backward pass, parameters (and views of them)
     excluded (they are saved too, but once per batch, not per sample), and the flops of its
-    forward pass in matrix products, convolutions and attention (at least 2·m; not counted,
-    2·m, without ``count_flops``). One forward pass over x[:1]."""
+    forward pass in matrix products, convolutions and attention (at least 2·m). One forward
+    pass over x[:1], unless this model was measured for the same parameter shapes, sample
+    shape, dtype and device (then none)."""
+    remembered = _MEASURED.get(fmodel.module)
+    if remembered is not None and remembered[0] == _shapes(fmodel, x):
+        return remembered[1]
+    measured = _measure(fmodel, x)
+    _MEASURED[fmodel.module] = (_shapes(fmodel, x), measured)
+    return measured
+
+
+def _measure(fmodel: FunctionalModel, x: Tensor) -> SampleCosts:
     saved = 0
     params = {k: v.detach().requires_grad_(True) for k, v in fmodel.params.items()}
     shared = {p.untyped_storage().data_ptr() for p in [*params.values(), *fmodel.buffers.values()]}
@@ -71,11 +93,11 @@ def sample_costs(fmodel: FunctionalModel, x: Tensor, count_flops: bool = True) -
 
     counter = _FlopCount()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with counter if count_flops else contextlib.nullcontext():
+        with counter:
             fmodel(params, x[:1]).sum()
     return SampleCosts(max(saved, 1), max(counter.flops, 2.0 * fmodel.m))
 
 
 def activation_bytes_per_sample(fmodel: FunctionalModel, x: Tensor) -> int:
     """Bytes autograd saves for one sample's backward pass (see :func:`sample_costs`)."""
-    return sample_costs(fmodel, x, count_flops=False).activation_bytes
+    return sample_costs(fmodel, x).activation_bytes

@@ -264,11 +264,12 @@ def choose_plan(
         )  # fmt: skip
 
     found, checked, fresh = None, True, True
-    if wants_structured(fmodel, implementation):
+    if implementation in ("structured", "auto"):  # a verified probe: no routing to redo
         found = remembered_probe(fmodel, x)
-        if found is None and implementation == "structured":
+    if found is None and wants_structured(fmodel, implementation):
+        if implementation == "structured":
             found = verified_probe(fmodel, x, strict=True, memory_budget=memory_budget)
-        elif found is None:  # sized first, unless it cannot win; checked only if it is chosen
+        else:  # sized first, unless it cannot win; checked only if it is chosen
             other = plan_for(None)
             floor = structured_floor(fmodel, x, n2, symmetric, costs)
             if other.planned_bytes <= memory_budget and floor >= other.cost:
