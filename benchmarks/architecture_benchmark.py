@@ -34,6 +34,7 @@ import torch
 from report_sections import write_section
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
+from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -42,6 +43,8 @@ from architectures import ARCHITECTURES, Selected, build, parameter_count  # noq
 KERNEL_DIR = Path("/tmp/plstar-bench")
 RECIPE_CAP = 10 * 2**30  # the recipe holds J (n·k·m numbers); larger is recorded as not run
 SLOW_S = 30.0  # a run longer than this is not repeated
+SHORT_S = 2.0  # runs after the first are repeated until they took this long (≤ MAX_REPEATS)
+MAX_REPEATS = 25
 
 RESNET18 = dict(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_kernel=7, stem_stride=2)
 WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -121,16 +124,20 @@ def measure(workload: str, method: str, dtype_name: str, repeats: int) -> dict[s
         return {**info, "status": "not run", "message": f"J alone is {needed / 2**30:.1f} GiB"}
     setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, result, chosen = [], None, ""
-    for _ in range(1 if method == "analyze" else repeats):
+    while len(times) < (1 if method == "analyze" else MAX_REPEATS):
         start = time.perf_counter()
         result, chosen = run_method(method, model, x, output, dtype)
         times.append(time.perf_counter() - start)
-        if times[-1] > SLOW_S:
+        if times[-1] > SLOW_S or (len(times) >= repeats and sum(times[1:]) >= SHORT_S):
             break
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {**info, "status": "ok", "chosen": chosen, "times_s": times,
-           "median_s": statistics.median(times), "peak_rss_mb": peak / 1024,
+           "median_s": statistics.median(times[1:] or times), "peak_rss_mb": peak / 1024,
            "setup_rss_mb": setup / 1024}  # fmt: skip
+    if method != "analyze":  # the work done: matmul-class flops, counted by torch (untimed run)
+        with FlopCounterMode(display=False) as counter:
+            run_method(method, model, x, output, dtype)
+        out["gflop"] = counter.get_total_flops() / 1e9
     if method == "analyze":
         seconds = result.seconds
         out["hessian_share"] = seconds.get("model hessian", 0.0) / sum(seconds.values())
@@ -182,9 +189,10 @@ def _rss(result: dict) -> str:
 
 def table(rows: list[tuple[str, str, dict[str, dict]]]) -> list[str]:
     lines = [
-        "| model (n, k, m) | dtype | recipe | plstar auto → choice | speed-up | plstar first call "
-        "| peak RSS recipe | peak RSS plstar | agreement | analyze (‖H_F‖ share) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model (n, k, m) | dtype | recipe | plstar auto → choice | speed-up | GFLOP recipe / "
+        "plstar (ratio) | plstar first call | peak RSS recipe | peak RSS plstar | agreement "
+        "| analyze (‖H_F‖ share) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload, dtype, results in rows:
         recipe, ours, whole = (results.get(m, {}) for m in METHODS)
@@ -194,6 +202,10 @@ def table(rows: list[tuple[str, str, dict[str, dict]]]) -> list[str]:
         speedup = f"{recipe['median_s'] / ours['median_s']:.2f}×" if both else ""
         choice = f"{_time(ours)} → {ours['chosen']}" if ours.get("status") == "ok" else _time(ours)
         first = f"{ours['times_s'][0]:.3f} s" if ours.get("status") == "ok" else ""
+        flops = ""
+        if "gflop" in recipe and "gflop" in ours:
+            ratio = recipe["gflop"] / max(ours["gflop"], 1e-12)
+            flops = f"{recipe['gflop']:.2f} / {ours['gflop']:.2f} ({ratio:.2f}×)"
         agree = agreement(results)
         analyzed = ""
         if whole.get("status") == "ok":
@@ -204,7 +216,7 @@ def table(rows: list[tuple[str, str, dict[str, dict]]]) -> list[str]:
         elif whole:
             analyzed = _time(whole)
         lines.append(
-            f"| {label} | {dtype} | {_time(recipe)} | {choice} | {speedup} | {first} "
+            f"| {label} | {dtype} | {_time(recipe)} | {choice} | {speedup} | {flops} | {first} "
             f"| {_rss(recipe)} | {_rss(ours)} | {'' if agree is None else f'{agree:.1e}'} "
             f"| {analyzed} |"
         )
@@ -223,8 +235,12 @@ def write_report(
         "benchmarks/architecture_benchmark.py's WORKLOADS (random init, eval mode; the ResNet-18 is "
         "torchvision's layout in plain PyTorch, in-place ReLU included). Recipe = vmap(jacrev) + "
         'J·Jᵀ; plstar = `tangent_kernel` with `implementation="auto"`, accumulating in the '
-        f"row's dtype. Median of up to {repeats} runs (one when a run exceeds {SLOW_S:.0f} s), "
-        "each method in its own process; peak RSS is that process's maximum resident set "
+        f"row's dtype. Median of the runs after the first (at least {repeats}, and until they "
+        f"took {SHORT_S:.0f} s, at most {MAX_REPEATS}; one run when it exceeds {SLOW_S:.0f} s), "
+        "each method in its own process. GFLOP = the matmul, convolution and attention flops "
+        "of one call, counted by torch.utils.flop_counter.FlopCounterMode (elementwise work not "
+        "counted); their ratio is the speed-up that running at the recipe's flop rate would "
+        "give. Peak RSS is that process's maximum resident set "
         "(+ the growth over the model and inputs alone). Speed-up = recipe / plstar. First call = "
         "plstar's first call in its process (model checks, sizing and entry check included; "
         "torch._dynamo, which torch.func imports once per process, imported before). Analyze = one "
