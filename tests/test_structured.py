@@ -376,9 +376,9 @@ class InPlaceResidual(nn.Module):
 
 @pytest.mark.parametrize("k", [1, 4, 7, 10])
 @pytest.mark.parametrize("in_place", [False, True], ids=["plain", "in-place"])
-@pytest.mark.parametrize("copies", [None, 3], ids=["all-outputs", "groups-of-3"])
+@pytest.mark.parametrize("outputs_per_pass", [None, 3], ids=["all-outputs", "groups-of-3"])
 def test_recorded_cotangents_equal_one_reverse_pass_per_output(
-    k: int, in_place: bool, copies: int | None
+    k: int, in_place: bool, outputs_per_pass: int | None
 ) -> None:
     """Sweeps over fewer copies than outputs (k = 7: the last sweep seeds one of two copies)
     give, for every output a and sample i, the cotangent of one plain reverse pass of f_a."""
@@ -387,7 +387,7 @@ def test_recorded_cotangents_equal_one_reverse_pass_per_output(
     x = torch.randn(4, 3, dtype=torch.float64)
     fmodel = make_functional(model, x)
     modules = structured.rule_modules(model)[0]
-    got = recording.record(fmodel, x, modules, copies)
+    got = recording.record(fmodel, x, modules, outputs_per_pass)
     outputs: dict[str, Tensor] = {}
 
     def keep(name: str, output: Tensor) -> Tensor:  # in-place operations change the clone

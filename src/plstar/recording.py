@@ -148,7 +148,7 @@ def record(
     fmodel: FunctionalModel,
     x: Tensor,
     modules: dict[str, nn.Module],
-    copies: int | None = None,
+    outputs_per_pass: int | None = None,
     broadcast: tuple[str, ...] = (),
 ) -> Recording:
     """Forward pass over :func:`replicas` stacked copies of x with hooks on ``modules``, then
@@ -159,8 +159,8 @@ def record(
     seeds inside the batched backward of convolutions and normalisations (measured 3-9× slower
     on a ResNet-18 and an MLP-Mixer), while copies run every kernel on a larger batch; about √k
     copies and √k sweeps balance the repeated forward pass against each sweep's overhead.
-    Memory: the activations of that many copies and the cotangents of ``copies`` (default k)
-    outputs, the outputs taken in groups of that many. Samples do not interact (the model checks
+    Memory: the activations of that many copies and the cotangents of ``outputs_per_pass``
+    (default k) outputs, the outputs taken in groups of that many. Samples do not interact (the model checks
     refuse batch coupling), so each copy computes F. A call whose input or output an in-place
     operation changed marks its module for copies and the pass is run again (a model without
     in-place operations runs once).
@@ -172,7 +172,7 @@ def record(
     check (:func:`plstar.structured.probe` compares with Jacobian rows).
     """
     k = fmodel.k
-    group = k if copies is None else max(1, min(k, copies))
+    group = k if outputs_per_pass is None else max(1, min(k, outputs_per_pass))
     for _ in range(len(modules) + 1):
         passes = [_one_pass(fmodel, x, modules, start, min(k, start + group), broadcast)
                   for start in range(0, k, group)]  # fmt: skip

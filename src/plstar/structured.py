@@ -285,11 +285,11 @@ _PROBE_BUDGET = 2**30  # bytes of activations a probe holds at a time, unless to
 
 
 def _problems(
-    fmodel: FunctionalModel, pair: Tensor, modules: dict[str, nn.Module], copies: int
+    fmodel: FunctionalModel, pair: Tensor, modules: dict[str, nn.Module], outputs: int
 ) -> tuple[dict[str, str], dict[str, list[Factor]]]:
     """(module -> why its rule cannot serve it here, the others' factors in float64)."""
     try:
-        recording = record(fmodel, pair, modules, copies)
+        recording = record(fmodel, pair, modules, outputs)
     except SharedOutputError as error:
         why = "its output, shared by all samples, cannot be expanded to the batch"
         return dict.fromkeys(error.names, why), {}
@@ -348,11 +348,12 @@ def probe(
     modules, reasons = rule_modules(fmodel.module) if routing is None else routing
     modules, reasons = dict(modules), dict(reasons)
     pair = x[: min(2, x.shape[0])]
-    # outputs per pass, so that the copies' activations stay within the budget
+    # outputs per pass, so that the copies' activations stay within the budget (a pass holds
+    # at most as many copies as it has outputs)
     per_copy = 2 * pair.shape[0] * activation_bytes_per_sample(fmodel, pair)
-    copies = max(1, memory_budget // per_copy)
+    outputs = max(1, memory_budget // per_copy)
     while True:
-        problems, per_unit = _problems(fmodel, pair, modules, copies)
+        problems, per_unit = _problems(fmodel, pair, modules, outputs)
         if not problems:
             break
         for name, why in problems.items():
