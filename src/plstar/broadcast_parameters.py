@@ -28,31 +28,32 @@ def broadcast_rows(recording: Recording, dtype: torch.dtype) -> list[Factor]:
 
 
 def broadcast_parameters(
-    fmodel: FunctionalModel, pair: Tensor, names: list[str]
+    fmodel: FunctionalModel, pair: Tensor, names: list[str], outputs_per_pass: int | None = None
 ) -> tuple[tuple[str, ...], list[Factor]]:
     """Which of the parameters ``names`` (no rule serves them) the recording can give per-sample
     gradients for, and those gradients' rows on ``pair`` (float64): a parameter of shape
     (1, ...) whose per-sample leaf leaves F unchanged and whose gradient rows equal its Jacobian
     rows (√eps of the model's dtype, relative). Cost: one recording on two samples (one per
-    candidate when their leaves together change F) and the candidates' Jacobian rows."""
+    candidate when their leaves together change F) and the candidates' Jacobian rows;
+    ``outputs_per_pass`` as in :func:`plstar.recording.record`."""
     candidates = tuple(n for n in names if fmodel.params[n].ndim > 1
                        and fmodel.params[n].shape[0] == 1 < pair.shape[0])  # fmt: skip
-    served = _served(fmodel, pair, candidates) if candidates else {}
+    served = _served(fmodel, pair, candidates, outputs_per_pass) if candidates else {}
     if served is None:
         served = {}
         for name in candidates:
-            served |= _served(fmodel, pair, (name,)) or {}
+            served |= _served(fmodel, pair, (name,), outputs_per_pass) or {}
     kept = tuple(n for n in candidates if n in served)
     return kept, [served[n] for n in kept]
 
 
 def _served(
-    fmodel: FunctionalModel, pair: Tensor, candidates: tuple[str, ...]
+    fmodel: FunctionalModel, pair: Tensor, candidates: tuple[str, ...], outputs: int | None
 ) -> dict[str, Factor] | None:
     """The candidates whose recorded gradient rows equal their Jacobian rows, with those rows;
     None when per-sample leaves for all of them together change F or break the forward."""
     try:
-        recording = record(fmodel, pair, {}, broadcast=candidates)
+        recording = record(fmodel, pair, {}, outputs, broadcast=candidates)
     except Exception:  # a forward that cannot take per-sample leaves
         return None
     with torch.no_grad():

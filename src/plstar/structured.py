@@ -123,9 +123,8 @@ def block_features(
     only when an in-place operation changed a recorded tensor of a module not yet known for it.
     Parameters in ``broadcast`` get their per-sample gradients from the same reverse sweeps
     (:func:`plstar.recording.record`), those in ``fallback`` Jacobian rows by vmap(jacrev).
-    Raises NotPerSampleError when
-    a module of ``modules`` is not called batch-first, or not called at all, on this block (the
-    probe of the first samples found it was).
+    Raises NotPerSampleError when a module of ``modules`` is not called batch-first, or not
+    called at all, on this block (the probe of the first samples found it was).
     """
     recording = record(fmodel, x, modules, broadcast=broadcast)
     bad = next((call for call in recording.calls if call.problem is not None), None)
@@ -234,9 +233,9 @@ class Probe:
 
     ``rows_reasons`` says, per module whose parameters take Jacobian rows, why; ``fallback``
     lists every parameter that takes them; ``broadcast`` those that no module owns but the
-    forward broadcasts over the batch, whose per-sample gradients the recording gives; ``per_unit`` holds each unit's factors
-    (:func:`tied_units`) and ``units`` its parameters; ``footprint`` the sizes, which outlive the
-    tensors (:meth:`stripped`).
+    forward broadcasts over the batch, whose per-sample gradients the recording gives;
+    ``per_unit`` holds each unit's factors (:func:`tied_units`) and ``units`` its parameters;
+    ``footprint`` the sizes, which outlive the tensors (:meth:`stripped`).
     """
 
     features: BlockFeatures
@@ -363,7 +362,7 @@ def probe(
     units = unit_parameters(fmodel, modules)
     covered = {p for names in units.values() for p in names}
     unowned = [name for name in fmodel.params if name not in covered]
-    broadcast, rows = broadcast_parameters(fmodel, pair, unowned)
+    broadcast, rows = broadcast_parameters(fmodel, pair, unowned, outputs)
     fallback = [name for name in unowned if name not in broadcast]
     made = [f for each in per_unit.values() for f in each] + rows
     features = BlockFeatures(algebra.merge_rows(made), None)  # fallback rows: sized, not computed
