@@ -98,3 +98,23 @@ def test_analyze_runs_end_to_end(name: str) -> None:
     assert math.isfinite(analysis.beta.value)
     assert math.isfinite(analysis.hessian_norm.value) and analysis.hessian_norm.value > 0
     assert analysis.hessian_norm.outputs_examined == 2
+
+
+BROADCAST = {
+    "vit": ("cls_token", "pos_embed"),
+    "vit-mha": ("class_token", "pos_embedding"),
+    "hf-vit": ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings"),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_structured_serves_every_parameter_without_jacobian_rows(name: str) -> None:
+    """No zoo model needs per-sample Jacobian rows any more: the ViTs' class token and position
+    embedding ride on the recording (broadcast parameters), everything else has a rule."""
+    from plstar import structured
+    from plstar.functional import make_functional
+
+    model, x, selecting, _ = _case(name)
+    found = structured.probe(make_functional(model, x, **selecting), x)
+    assert found.fallback == [] and found.rows_reasons == {}
+    assert found.broadcast == BROADCAST.get(name, ())

@@ -450,6 +450,7 @@ def test_parameters_broadcast_over_the_batch_get_gradients_from_the_recording() 
     found = structured.probe(make_functional(model, x), x)
     assert found.broadcast == ("cls_token", "pos_embed")
     assert found.fallback == ["shift", "gate"]
+    assert list(found.rows_reasons) == [""]  # the model itself, for shift and gate
     for implementation in ("structured", "auto"):
         kernel = plstar.tangent_kernel(model, x, implementation=implementation)
         torch.testing.assert_close(kernel, dense_kernel(model, x), rtol=1e-10, atol=1e-12)

@@ -364,6 +364,10 @@ def probe(
     unowned = [name for name in fmodel.params if name not in covered]
     broadcast, rows = broadcast_parameters(fmodel, pair, unowned, outputs)
     fallback = [name for name in unowned if name not in broadcast]
+    # a module whose own parameters all ride on the recording takes no rows after all
+    served = {name.rpartition(".")[0] for name in broadcast}
+    left = {name.rpartition(".")[0] for name in fallback}
+    reasons = {m: why for m, why in reasons.items() if m not in served or m in left}
     made = [f for each in per_unit.values() for f in each] + rows
     features = BlockFeatures(algebra.merge_rows(made), None)  # fallback rows: sized, not computed
     width = sum(fmodel.params[name].numel() for name in fallback)
