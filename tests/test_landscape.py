@@ -9,6 +9,7 @@ files, JSON, refusals and Ctrl-C; and loss-landscapes' values on the same direct
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import math
@@ -111,6 +112,21 @@ def test_kernel_points_against_dense_kernels_and_hessians() -> None:
         assert point.hessian_min == pytest.approx(bottom, rel=1e-8, abs=1e-9)
         assert point.negative_curvature == (bottom < 0)
     assert found.origin is found.kernel_points["1,1"]  # the coarse grid holds w
+    lambda0 = float(torch.linalg.eigvalsh(dense_kernel(model, x))[0])
+    held = 0
+    for point in found.kernel_points.values():
+        a, b = point.coords
+        moved = _moved(model, w + a * directions[0].vector + b * directions[1].vector)
+        held += float(torch.linalg.eigvalsh(dense_kernel(moved, x))[0]) >= lambda0 / 2
+    assert found.kernel_held(0.5) == held and found.kernel_held(0.0) == 9
+    assert found.bracket_violations() == 0
+    broken = copy.copy(found)  # ρ above λ_max at one point: the check must count it
+    point = found.kernel_points["0,0"]
+    broken.kernel_points = {
+        **found.kernel_points,
+        "0,0": dataclasses.replace(point, pl_ratio=2 * point.lambda_max),
+    }
+    assert broken.bracket_violations() == 1
 
 
 def test_few_lanczos_steps_bound_the_smallest_hessian_eigenvalue_from_above() -> None:

@@ -170,6 +170,25 @@ class Landscape:
             found[point.index] = np.nan if value is None else float(value)
         return found
 
+    def kernel_held(self, fraction: float = 0.5) -> int:
+        """Coarse points where λ_min(K) ≥ fraction·λ₀, λ₀ = λ_min(K(w)) at the origin: where
+        the kernel stays as well conditioned as PL* with μ = fraction·λ₀ needs (0 without an
+        origin or when λ₀ ≤ 0)."""
+        if self.origin is None or not self.origin.lambda_min > 0:
+            return 0
+        return int(np.sum(self.values("lambda_min") >= fraction * self.origin.lambda_min))
+
+    def bracket_violations(self) -> int:
+        """Coarse points where λ_min(K) ≤ ρ ≤ λ_max(K) fails (½‖∇L‖² = ½ rᵀKr puts the PL
+        ratio between the extremes of K): λ_min taken at its lower error bar, relative slack of
+        1e-9 and 2e-9 for rounding; points with ρ NaN (L = 0) are not counted. A correct run has
+        none."""
+        return sum(
+            1 for p in self.kernel_points.values()
+            if math.isfinite(p.pl_ratio) and not p.lambda_min - p.lambda_min_error
+            <= p.pl_ratio * (1 + 1e-9) <= p.lambda_max * (1 + 2e-9)
+        )  # fmt: skip
+
     @property
     def cosine(self) -> float | None:
         """cos ∠(u, v) of a plane's directions (None for a line): the axes are drawn as if 0."""

@@ -263,11 +263,7 @@ def _table(found: Landscape) -> Table:
         origin = found.origin
         low = found.values("lambda_min")
         lambda0 = origin.lambda_min
-        held = int(np.sum(low >= lambda0 / 2)) if lambda0 > 0 else 0
-        # ½‖∇L‖² = ½ rᵀKr puts ρ between the extremes of K (ρ is NaN where L = 0)
-        outside = sum(1 for p in found.kernel_points.values() if math.isfinite(p.pl_ratio) and not
-                      p.lambda_min - p.lambda_min_error <= p.pl_ratio * (1 + 1e-9) <=
-                      p.lambda_max * (1 + 2e-9))  # fmt: skip
+        held, outside = found.kernel_held(0.5), found.bracket_violations()
         rows += [
             ("L(w₀), ρ(w₀)", f"{origin.loss:.4g}, {origin.pl_ratio:.4g}"),
             ("λ₀ = λ_min(K(w₀))", f"{lambda0:.4g}"),
